@@ -1,0 +1,99 @@
+//! The broker's settings and named limits, as typed values with documented defaults.
+//!
+//! `qpidd` fills this from its command line, `QPID_*` environment variables and config file;
+//! tests fill it directly. Every limit a peer can grow has a field here.
+
+use std::time::Duration;
+
+/// Everything the broker needs to know about how to run.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Require SASL credentials (`--auth yes`). With `false` every connection is trusted and
+    /// has both the `admin` and `ha` tags, as in Qpid.
+    pub auth: bool,
+    /// `--max-connections`: ordinary client connections accepted at once (0 = no limit).
+    pub max_connections: usize,
+    /// Connections accepted beyond `max_connections` for administration (`qpid.ha-admin`
+    /// with the `admin` tag) and HA links, so a full broker can still be managed.
+    pub reserved_admin_connections: usize,
+    /// `--channel-max`: the highest channel number a connection may open.
+    pub channel_max: u16,
+    /// `--frame-max`: the largest frame, framing included, in bytes.
+    pub frame_max: u32,
+    /// `--max-message-size`: the largest message body, in bytes.
+    pub max_message_size: u64,
+    /// `--max-unacked-per-channel`: deliveries awaiting acknowledgement on one channel. When a
+    /// channel reaches it, deliveries to that channel pause until it acks (like a prefetch).
+    pub max_unacked_per_channel: u32,
+    /// `--heartbeat`: the heartbeat interval the broker proposes in connection.tune, seconds
+    /// (0 = none).
+    pub heartbeat_s: u16,
+    /// `--memory-high-watermark`, resolved to bytes of message memory. Above it, publishing
+    /// connections get `connection.blocked` and are not read until memory falls below it.
+    pub memory_high_watermark_bytes: u64,
+    /// `--default-queue-limit`: a byte limit (policy reject) for queues declared without one
+    /// (0 = none, as RabbitMQ; Qpid's default is 100 MB).
+    pub default_queue_limit_bytes: u64,
+    /// `--max-queues`: queues that may exist at once (0 = no limit).
+    pub max_queues: usize,
+    /// `--max-exchanges`: exchanges that may exist at once, predeclared ones included
+    /// (0 = no limit).
+    pub max_exchanges: usize,
+    /// `--max-consumers-per-channel`: consumers one channel may hold (0 = no limit).
+    pub max_consumers_per_channel: usize,
+    /// How long a peer has to finish the handshake (Qpid's `--max-negotiate-time`).
+    pub max_negotiate_time: Duration,
+    /// How often expired messages and unused `x-expires` queues are swept.
+    pub queue_purge_interval: Duration,
+    /// The product version announced in connection.start.
+    pub version: String,
+}
+
+/// Defaults as documented in `docs/user-guide.md`.
+pub mod defaults {
+    /// `--max-connections`.
+    pub const MAX_CONNECTIONS: usize = 500;
+    /// Connections reserved beyond `--max-connections` for administration and HA links.
+    pub const RESERVED_ADMIN_CONNECTIONS: usize = 10;
+    /// `--channel-max`.
+    pub const CHANNEL_MAX: u16 = 2047;
+    /// `--frame-max`.
+    pub const FRAME_MAX: u32 = 131_072;
+    /// `--max-message-size` (128 MiB).
+    pub const MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
+    /// `--max-unacked-per-channel`.
+    pub const MAX_UNACKED_PER_CHANNEL: u32 = 65_536;
+    /// `--heartbeat`, seconds.
+    pub const HEARTBEAT_S: u16 = 60;
+    /// `--memory-high-watermark` as a fraction of physical memory.
+    pub const MEMORY_HIGH_WATERMARK_FRACTION: f64 = 0.4;
+    /// `--max-queues`.
+    pub const MAX_QUEUES: usize = 100_000;
+    /// `--max-exchanges`.
+    pub const MAX_EXCHANGES: usize = 10_000;
+    /// `--max-consumers-per-channel`.
+    pub const MAX_CONSUMERS_PER_CHANNEL: usize = 1_000;
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            auth: true,
+            max_connections: defaults::MAX_CONNECTIONS,
+            reserved_admin_connections: defaults::RESERVED_ADMIN_CONNECTIONS,
+            channel_max: defaults::CHANNEL_MAX,
+            frame_max: defaults::FRAME_MAX,
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+            max_unacked_per_channel: defaults::MAX_UNACKED_PER_CHANNEL,
+            heartbeat_s: defaults::HEARTBEAT_S,
+            memory_high_watermark_bytes: u64::MAX,
+            default_queue_limit_bytes: 0,
+            max_queues: defaults::MAX_QUEUES,
+            max_exchanges: defaults::MAX_EXCHANGES,
+            max_consumers_per_channel: defaults::MAX_CONSUMERS_PER_CHANNEL,
+            max_negotiate_time: Duration::from_secs(10),
+            queue_purge_interval: Duration::from_millis(500),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}

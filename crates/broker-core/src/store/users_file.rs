@@ -1,0 +1,1 @@
+//! The users file: see docs/user-guide.md.
