@@ -1,1 +1,2 @@
-fn main(){}
+//! Integration tests: real brokers, real clients.
+mod smoke;

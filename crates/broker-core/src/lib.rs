@@ -10,8 +10,18 @@
 //! This crate does no file I/O outside `store/` and no socket I/O outside `server`.
 
 pub mod auth;
+pub mod broker;
+pub mod channel;
 pub mod config;
+pub mod connection;
+pub mod delivery;
+pub mod error;
+pub mod exchange;
+pub mod fields;
+pub mod message;
 pub mod protocol;
+pub mod queue;
+pub mod queue_settings;
 pub mod server;
 pub mod store;
 

@@ -1,37 +1,258 @@
-//! The tokio layer: accepts connections and runs them until shutdown.
+//! The tokio layer: accepts connections, runs one reader task (frames in, through the
+//! `Connection` state machine) and one writer task (the `Outbound` buffer out, heartbeats) per
+//! connection, sweeps queues periodically, and shuts everything down cleanly.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-use crate::auth::UserDb;
-use crate::config::BrokerConfig;
+pub use crate::broker::Broker;
+use crate::connection::{Connection, Next, Phase};
+use crate::delivery::Outbound;
+use crate::error::AmqpError;
+use crate::protocol::frame::{split_frame, write_heartbeat};
+use crate::protocol::reply;
 
-/// A running broker's shared state.
-#[derive(Debug)]
-pub struct Broker {
-    /// Settings and limits.
-    pub config: BrokerConfig,
-    /// Users and their tags.
-    pub users: UserDb,
-}
-
-impl Broker {
-    /// A broker with the predeclared exchanges.
-    pub fn new(config: BrokerConfig, users: UserDb) -> Arc<Broker> {
-        Arc::new(Broker { config, users })
-    }
-}
+/// How long we wait for connection.close-ok after sending connection.close.
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much free space the read buffer gets before each read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// How long `run` waits for connections to finish closing at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves AMQP on `listeners` until `shutdown` completes, then closes every client connection
-/// with 320 (connection-forced), finishes pending work and returns.
+/// with 320 (connection-forced), waits for them to finish and returns.
 pub async fn run(
     broker: Arc<Broker>,
     listeners: Vec<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let _ = (broker, listeners);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    for l in listeners {
+        tokio::spawn(accept_loop(broker.clone(), l, stop_rx.clone(), done_tx.clone()));
+    }
+    let sweeper = tokio::spawn(sweep_loop(broker.clone()));
     shutdown.await;
+    tracing::info!(target: "Broker", "shutting down: closing client connections");
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await;
+    sweeper.abort();
     Ok(())
+}
+
+async fn sweep_loop(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(broker.config.queue_purge_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        broker.sweep();
+    }
+}
+
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(target: "Network", "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let c = &broker.config;
+        let hard_cap = if c.max_connections == 0 { usize::MAX } else { c.max_connections + c.reserved_admin_connections };
+        if broker.connections_total.load(Ordering::Acquire) >= hard_cap {
+            tracing::warn!(target: "Network", "refusing connection from {peer}: {hard_cap} connections open (--max-connections plus the reserve)");
+            drop(stream);
+            continue;
+        }
+        broker.connections_total.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(serve(broker.clone(), stream, peer, stop.clone(), done.clone()));
+    }
+}
+
+async fn serve(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    _done: mpsc::Sender<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let out = Arc::new(Outbound::default());
+    let heartbeat = Arc::new(AtomicU16::new(0));
+    let writer = tokio::spawn(write_loop(wr, out.clone(), heartbeat.clone()));
+    let mut conn = Connection::new(broker.clone(), peer, out.clone());
+    tracing::debug!(target: "Network", "connection {} accepted from {peer}", conn.id);
+    if let Err(e) = read_loop(&broker, &mut conn, rd, stop, &heartbeat).await {
+        tracing::debug!(target: "Network", "connection {} from {peer}: {e}", conn.id);
+    }
+    conn.teardown();
+    out.close();
+    let _ = writer.await;
+    broker.connections_total.fetch_sub(1, Ordering::AcqRel);
+    tracing::debug!(target: "Network", "connection {} from {peer} closed", conn.id);
+}
+
+async fn read_loop(
+    broker: &Arc<Broker>,
+    conn: &mut Connection,
+    mut rd: OwnedReadHalf,
+    mut stop: watch::Receiver<bool>,
+    heartbeat: &AtomicU16,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let negotiate_deadline = started + broker.config.max_negotiate_time;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // The protocol header.
+    while buf.len() < 8 {
+        let n = tokio::select! {
+            r = rd.read_buf(&mut buf) => r?,
+            _ = tokio::time::sleep_until(negotiate_deadline) => {
+                tracing::info!(target: "Network", "connection {}: no protocol header within --max-negotiate-time", conn.id);
+                return Ok(());
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+    }
+    if conn.protocol_header(&buf[..8]) == Next::Terminate {
+        return Ok(());
+    }
+    buf.advance(8);
+    let mut last_read = Instant::now();
+    let mut closing_since: Option<Instant> = None;
+    let mut stopping = false;
+    loop {
+        // Every complete frame in the buffer.
+        loop {
+            match split_frame(&buf, conn.frame_max) {
+                Ok(Some((frame, n))) => {
+                    let next = conn.frame(frame);
+                    buf.advance(n);
+                    if next == Next::Terminate {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The stream is out of step: say why, then hang up without waiting.
+                    conn.frame_error(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        conn.end_of_batch();
+        heartbeat.store(conn.heartbeat_s, Ordering::Relaxed);
+        if conn.phase() == Phase::Closing && closing_since.is_none() {
+            closing_since = Some(Instant::now());
+        }
+        if conn.phase() != Phase::Open && conn.phase() != Phase::Closing && Instant::now() > negotiate_deadline {
+            tracing::info!(target: "Network", "connection {}: handshake not finished within --max-negotiate-time", conn.id);
+            return Ok(());
+        }
+        if conn.has_published && broker.memory_alarm() && conn.phase() == Phase::Open {
+            wait_while_blocked(broker, conn, &mut stop).await;
+        }
+        let deadline = match (closing_since, conn.heartbeat_s) {
+            (Some(t), _) => t + CLOSE_OK_TIMEOUT,
+            (None, 0) if conn.phase() != Phase::Open => negotiate_deadline,
+            (None, 0) => last_read + Duration::from_secs(24 * 3600),
+            (None, hb) => last_read + Duration::from_secs(2 * u64::from(hb)),
+        };
+        buf.reserve(READ_CHUNK_BYTES);
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => {
+                if r? == 0 {
+                    return Ok(());
+                }
+                last_read = Instant::now();
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if closing_since.is_none() && conn.phase() == Phase::Open {
+                    tracing::warn!(target: "Network", "connection {}: no frame for two heartbeat intervals ({} s): closing", conn.id, 2 * conn.heartbeat_s);
+                }
+                return Ok(());
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.close_connection(AmqpError::new(reply::CONNECTION_FORCED, "broker shutdown"), 0, 0);
+                closing_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Blocks a publishing connection while the memory alarm is on (connection.blocked first, for
+/// clients that understand it).
+async fn wait_while_blocked(broker: &Arc<Broker>, conn: &mut Connection, stop: &mut watch::Receiver<bool>) {
+    let mut alarm = broker.watch_memory_alarm();
+    conn.send_blocked(true);
+    tracing::info!(target: "Network", "connection {} blocked: memory high watermark", conn.id);
+    tokio::select! {
+        _ = alarm.wait_for(|on| !*on) => {}
+        _ = stop.changed() => {}
+    }
+    conn.send_blocked(false);
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, out: Arc<Outbound>, heartbeat: Arc<AtomicU16>) {
+    let mut buf = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut last_write = Instant::now();
+    loop {
+        let closing = out.take(&mut buf);
+        if !buf.is_empty() {
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+            out.written(buf.len());
+            buf.clear();
+            last_write = Instant::now();
+            continue;
+        }
+        if closing {
+            break;
+        }
+        let hb = heartbeat.load(Ordering::Relaxed);
+        if hb == 0 {
+            out.wait().await;
+        } else {
+            let due = last_write + Duration::from_secs(u64::from(hb));
+            tokio::select! {
+                _ = out.wait() => {}
+                _ = tokio::time::sleep_until(due) => {
+                    let mut frame = Vec::with_capacity(8);
+                    write_heartbeat(&mut frame);
+                    if wr.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                    last_write = Instant::now();
+                }
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
 }

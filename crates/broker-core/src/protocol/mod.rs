@@ -12,6 +12,8 @@
 pub mod control;
 pub mod frame;
 pub mod hot;
+#[cfg(test)]
+mod oracle_tests;
 
 /// Frame type octets (AMQP 0-9-1 section 4.2.3).
 pub const FRAME_METHOD: u8 = 1;

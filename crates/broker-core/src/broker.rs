@@ -1,0 +1,662 @@
+//! The broker's shared state: the exchange and queue registries, connection counts, message
+//! memory and its watermark, and the operations of the exchange and queue classes with their
+//! protocol errors. Connections call into it; it never touches a socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use amq_protocol::frame::WriteContext;
+use amq_protocol::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use crate::auth::UserDb;
+use crate::config::BrokerConfig;
+use crate::error::AmqpError;
+use crate::exchange::{Exchange, ExchangeKind};
+use crate::fields;
+use crate::message::Message;
+use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
+use crate::queue_settings::QueueSettings;
+
+/// The predeclared exchanges.
+const PREDECLARED: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// A running broker's shared state.
+#[derive(Debug)]
+pub struct Broker {
+    /// Settings and limits.
+    pub config: BrokerConfig,
+    /// Users and their tags.
+    pub users: UserDb,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    started: Instant,
+    next_connection_id: AtomicU64,
+    /// Connections past the TCP accept, administrative ones included.
+    pub connections_total: AtomicUsize,
+    /// Open ordinary (non-administrative) connections.
+    pub connections_ordinary: AtomicUsize,
+    message_memory_bytes: AtomicU64,
+    memory_alarm_on: AtomicBool,
+    memory_alarm: watch::Sender<bool>,
+    self_ref: Weak<Broker>,
+}
+
+/// What queue.declare answers.
+#[derive(Debug, Clone)]
+pub struct DeclaredQueue {
+    /// The queue.
+    pub queue: Arc<Queue>,
+    /// Its ready messages.
+    pub message_count: u32,
+    /// Its consumers.
+    pub consumer_count: u32,
+}
+
+/// queue.declare's request, as the broker needs it.
+#[derive(Debug, Clone, Default)]
+pub struct QueueDeclare {
+    /// The name ("" for a server-named queue).
+    pub name: String,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Durable.
+    pub durable: bool,
+    /// Exclusive to the declaring connection.
+    pub exclusive: bool,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Arguments.
+    pub arguments: FieldTable,
+}
+
+/// exchange.declare's request.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeDeclare {
+    /// The name.
+    pub name: String,
+    /// The type name.
+    pub kind: String,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Durable.
+    pub durable: bool,
+    /// Deleted with its last binding.
+    pub auto_delete: bool,
+    /// Not for publishing.
+    pub internal: bool,
+    /// Arguments.
+    pub arguments: FieldTable,
+}
+
+impl Broker {
+    /// A broker with the predeclared exchanges.
+    pub fn new(config: BrokerConfig, users: UserDb) -> Arc<Broker> {
+        let (alarm, _) = watch::channel(false);
+        Arc::new_cyclic(|me| {
+            let mut exchanges = HashMap::new();
+            for (name, kind) in PREDECLARED {
+                let e = Exchange::new(name.to_string(), *kind, true, false, false, FieldTable::default());
+                exchanges.insert(name.to_string(), Arc::new(e));
+            }
+            Broker {
+                config,
+                users,
+                exchanges: RwLock::new(exchanges),
+                queues: RwLock::new(HashMap::new()),
+                started: Instant::now(),
+                next_connection_id: AtomicU64::new(1),
+                connections_total: AtomicUsize::new(0),
+                connections_ordinary: AtomicUsize::new(0),
+                message_memory_bytes: AtomicU64::new(0),
+                memory_alarm_on: AtomicBool::new(false),
+                memory_alarm: alarm,
+                self_ref: me.clone(),
+            }
+        })
+    }
+
+    /// Milliseconds since the broker started: the clock of TTLs and expiries.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A fresh connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ---- memory watermark -------------------------------------------------------------------
+
+    /// Counts `n` more bytes of queued messages.
+    pub fn memory_add(&self, n: u64) {
+        let now = self.message_memory_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if now > self.config.memory_high_watermark_bytes && !self.memory_alarm_on.load(Ordering::Relaxed) {
+            self.set_alarm(true);
+        }
+    }
+
+    /// Counts `n` fewer bytes of queued messages.
+    pub fn memory_sub(&self, n: u64) {
+        let now = self.message_memory_bytes.fetch_sub(n, Ordering::Relaxed) - n;
+        if now <= self.config.memory_high_watermark_bytes && self.memory_alarm_on.load(Ordering::Relaxed) {
+            self.set_alarm(false);
+        }
+    }
+
+    fn set_alarm(&self, on: bool) {
+        if self.memory_alarm_on.swap(on, Ordering::Relaxed) != on {
+            if on {
+                tracing::warn!(target: "Broker", "memory high watermark ({} bytes) reached: blocking publishers", self.config.memory_high_watermark_bytes);
+            } else {
+                tracing::info!(target: "Broker", "memory below the high watermark: unblocking publishers");
+            }
+            self.memory_alarm.send_replace(on);
+        }
+    }
+
+    /// Bytes of messages held in queues (each queue's copy counted).
+    pub fn message_memory_bytes(&self) -> u64 {
+        self.message_memory_bytes.load(Ordering::Relaxed)
+    }
+
+    /// True while publishers must be blocked.
+    pub fn memory_alarm(&self) -> bool {
+        self.memory_alarm_on.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes when the memory alarm does.
+    pub fn watch_memory_alarm(&self) -> watch::Receiver<bool> {
+        self.memory_alarm.subscribe()
+    }
+
+    // ---- exchanges --------------------------------------------------------------------------
+
+    /// Looks an exchange up.
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().get(name).cloned()
+    }
+
+    /// All exchanges.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    /// exchange.declare.
+    pub fn declare_exchange(&self, d: &ExchangeDeclare) -> Result<(), AmqpError> {
+        if d.passive {
+            return self.exchange(&d.name).map(|_| ()).ok_or_else(|| no_exchange(&d.name));
+        }
+        let Some(kind) = ExchangeKind::parse(&d.kind) else {
+            return Err(AmqpError::command_invalid(format!(
+                "unknown exchange type '{}' (known: direct, fanout, topic, headers)",
+                d.kind
+            )));
+        };
+        let mut all = self.exchanges.write();
+        if let Some(e) = all.get(&d.name) {
+            return check_exchange_equivalent(e, kind, d);
+        }
+        if d.name.is_empty() || d.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.'",
+                d.name
+            )));
+        }
+        if self.config.max_exchanges != 0 && all.len() >= self.config.max_exchanges {
+            return Err(AmqpError::precondition_failed(format!(
+                "cannot declare exchange '{}': the limit of {} exchanges (--max-exchanges) is reached",
+                d.name, self.config.max_exchanges
+            )));
+        }
+        let e = Exchange::new(d.name.clone(), kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+        all.insert(d.name.clone(), Arc::new(e));
+        tracing::debug!(target: "Model", "exchange '{}' ({}) declared", d.name, kind.name());
+        Ok(())
+    }
+
+    /// exchange.delete. Deleting an exchange that does not exist succeeds, as in RabbitMQ.
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange '{name}' is predeclared and cannot be deleted"
+            )));
+        }
+        let mut all = self.exchanges.write();
+        let Some(e) = all.get(name) else { return Ok(()) };
+        if if_unused && e.binding_count() > 0 {
+            return Err(AmqpError::precondition_failed(format!("exchange '{name}' in vhost '/' in use")));
+        }
+        all.remove(name);
+        tracing::debug!(target: "Model", "exchange '{name}' deleted");
+        Ok(())
+    }
+
+    // ---- queues -----------------------------------------------------------------------------
+
+    /// Looks a queue up.
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    /// All queues.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// A queue that `connection_id` may use: 404 if missing, 405 if exclusive to another.
+    pub fn queue_for(&self, connection_id: u64, name: &str) -> Result<Arc<Queue>, AmqpError> {
+        let q = self.queue(name).ok_or_else(|| no_queue(name))?;
+        check_exclusive(&q, connection_id)?;
+        Ok(q)
+    }
+
+    /// queue.declare.
+    pub fn declare_queue(&self, connection_id: u64, d: &QueueDeclare) -> Result<DeclaredQueue, AmqpError> {
+        let now = self.now_ms();
+        if d.passive {
+            let q = self.queue_for(connection_id, &d.name)?;
+            return Ok(declared(q));
+        }
+        let name = if d.name.is_empty() { server_generated_name("amq.gen-") } else { d.name.clone() };
+        let mut all = self.queues.write();
+        if let Some(q) = all.get(&name) {
+            check_exclusive(q, connection_id)?;
+            check_queue_equivalent(q, d)?;
+            q.touch(now);
+            return Ok(declared(q.clone()));
+        }
+        if name.starts_with("amq.") && !d.name.is_empty() {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.'"
+            )));
+        }
+        if self.config.max_queues != 0 && all.len() >= self.config.max_queues {
+            return Err(AmqpError::precondition_failed(format!(
+                "cannot declare queue '{name}': the limit of {} queues (--max-queues) is reached",
+                self.config.max_queues
+            )));
+        }
+        let settings = QueueSettings::parse(&d.arguments, self.config.default_queue_limit_bytes)?;
+        if let Some(dlx) = &settings.dead_letter_exchange {
+            tracing::debug!(target: "Model", "queue '{name}' dead-letters to '{dlx}'");
+        }
+        let q = Arc::new(Queue::new(
+            name.clone(),
+            d.durable,
+            d.exclusive.then_some(connection_id),
+            d.auto_delete,
+            d.arguments.clone(),
+            settings,
+            self.self_ref.clone(),
+            now,
+        ));
+        all.insert(name.clone(), q.clone());
+        drop(all);
+        // Every queue is bound to the default exchange by its name; that binding is implicit.
+        tracing::debug!(target: "Model", "queue '{name}' declared");
+        Ok(declared(q))
+    }
+
+    /// queue.delete: returns the number of messages it held. A missing queue is not an error
+    /// (as RabbitMQ); an exclusive queue of another connection is 405.
+    pub fn delete_queue(
+        &self,
+        connection_id: u64,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, AmqpError> {
+        let Some(q) = self.queue(name) else { return Ok(0) };
+        check_exclusive(&q, connection_id)?;
+        {
+            let st = q.lock();
+            if if_unused && st.consumer_count() > 0 {
+                return Err(AmqpError::precondition_failed(format!("queue '{name}' in vhost '/' in use")));
+            }
+            if if_empty && st.message_count() > 0 {
+                return Err(AmqpError::precondition_failed(format!("queue '{name}' in vhost '/' is not empty")));
+            }
+        }
+        Ok(self.remove_queue(&q))
+    }
+
+    /// Removes a queue for good: unbinds it, cancels its consumers, drops its messages.
+    pub fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+        {
+            let mut all = self.queues.write();
+            match all.get(&q.name) {
+                Some(x) if Arc::ptr_eq(x, q) => {
+                    all.remove(&q.name);
+                }
+                _ => return 0,
+            }
+        }
+        let mut emptied = Vec::new();
+        for e in self.exchanges() {
+            e.unbind_queue(q);
+            if e.should_auto_delete() {
+                emptied.push(e.name.clone());
+            }
+        }
+        for name in emptied {
+            let _ = self.delete_exchange(&name, true);
+        }
+        let (consumers, count) = q.mark_deleted();
+        for c in consumers {
+            c.link.lock().consumers.remove(&c.tag);
+            if c.mark_cancelled() && c.link.cancel_notify {
+                crate::channel::write_server_cancel(&c.link, &c.tag);
+            }
+        }
+        tracing::debug!(target: "Model", "queue '{}' deleted", q.name);
+        count
+    }
+
+    /// queue.bind.
+    pub fn bind(
+        &self,
+        connection_id: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        if exchange.is_empty() {
+            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+        }
+        let q = self.queue_for(connection_id, queue)?;
+        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        e.bind(&q, key, arguments)?;
+        Ok(())
+    }
+
+    /// queue.unbind. Removing a binding that does not exist succeeds.
+    pub fn unbind(
+        &self,
+        connection_id: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        if exchange.is_empty() {
+            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+        }
+        let q = self.queue_for(connection_id, queue)?;
+        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        e.unbind(&q, key, arguments);
+        if e.should_auto_delete() {
+            let _ = self.delete_exchange(exchange, true);
+        }
+        Ok(())
+    }
+
+    /// queue.purge.
+    pub fn purge(&self, connection_id: u64, queue: &str) -> Result<u32, AmqpError> {
+        Ok(self.queue_for(connection_id, queue)?.purge())
+    }
+
+    // ---- routing ----------------------------------------------------------------------------
+
+    /// Appends the queues a message published to `exchange` with `routing_key` goes to.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        out: &mut Vec<Arc<Queue>>,
+    ) -> Result<(), AmqpError> {
+        if exchange.is_empty() {
+            if let Some(q) = self.queues.read().get(routing_key) {
+                out.push(q.clone());
+            }
+            return Ok(());
+        }
+        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        if e.internal {
+            return Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange}' in vhost '/'"
+            )));
+        }
+        e.route(routing_key, message, out);
+        Ok(())
+    }
+
+    /// Dead-letters messages that left `queue`, if it has a dead-letter exchange.
+    pub fn dead_letter(&self, queue: &Queue, dead: Vec<(QueuedMessage, DequeueReason)>) {
+        let Some(dlx) = &queue.settings.dead_letter_exchange else { return };
+        let Some(exchange) = self.exchange(dlx) else {
+            tracing::debug!(target: "Broker", "dead-letter exchange '{dlx}' of queue '{}' does not exist: dropping {} messages", queue.name, dead.len());
+            return;
+        };
+        let now = self.now_ms();
+        let mut targets = Vec::new();
+        for (entry, reason) in dead {
+            let Some(reason_text) = reason.dead_letter_reason() else { continue };
+            let m = &entry.message;
+            let key = queue.settings.dead_letter_routing_key.as_deref().unwrap_or(m.routing_key());
+            let Some(dead_message) = with_x_death(m, &queue.name, reason_text, key) else { continue };
+            targets.clear();
+            if exchange.name.is_empty() {
+                if let Some(q) = self.queue(key) {
+                    targets.push(q);
+                }
+            } else {
+                exchange.route(key, &dead_message, &mut targets);
+            }
+            for q in &targets {
+                // A message expiring or overflowing straight back into its own queue would
+                // cycle for ever; RabbitMQ drops it, and so do we. Rejections may cycle.
+                if q.name == queue.name && reason != DequeueReason::Rejected {
+                    continue;
+                }
+                if q.enqueue(dead_message.clone(), now) == EnqueueOutcome::Rejected {
+                    tracing::debug!(target: "Broker", "dead-letter queue '{}' refused a message", q.name);
+                }
+            }
+        }
+    }
+
+    // ---- connections ------------------------------------------------------------------------
+
+    /// A connection closed: its exclusive queues go with it.
+    pub fn connection_closed(&self, connection_id: u64) {
+        let exclusive: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.exclusive_owner == Some(connection_id))
+            .cloned()
+            .collect();
+        for q in exclusive {
+            self.remove_queue(&q);
+        }
+    }
+
+    /// Periodic housekeeping: expired messages and unused `x-expires` queues.
+    pub fn sweep(&self) {
+        let now = self.now_ms();
+        for q in self.queues() {
+            if q.sweep(now) {
+                tracing::debug!(target: "Broker", "queue '{}' unused for its x-expires time: deleting", q.name);
+                self.remove_queue(&q);
+            }
+        }
+    }
+}
+
+fn declared(queue: Arc<Queue>) -> DeclaredQueue {
+    let (message_count, consumer_count) = {
+        let st = queue.lock();
+        (st.message_count(), st.consumer_count())
+    };
+    DeclaredQueue { queue, message_count, consumer_count }
+}
+
+fn no_queue(name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no queue '{name}' in vhost '/'"))
+}
+
+fn no_exchange(name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no exchange '{name}' in vhost '/'"))
+}
+
+fn check_exclusive(q: &Queue, connection_id: u64) -> Result<(), AmqpError> {
+    match q.exclusive_owner {
+        Some(owner) if owner != connection_id => Err(AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '/'",
+            q.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn inequivalent(what: &str, arg: &str, name: &str, received: impl std::fmt::Display, current: impl std::fmt::Display) -> AmqpError {
+    AmqpError::precondition_failed(format!(
+        "inequivalent arg '{arg}' for {what} '{name}' in vhost '/': received '{received}' but current is '{current}'"
+    ))
+}
+
+fn check_exchange_equivalent(e: &Exchange, kind: ExchangeKind, d: &ExchangeDeclare) -> Result<(), AmqpError> {
+    if e.kind != kind {
+        return Err(inequivalent("exchange", "type", &d.name, kind.name(), e.kind.name()));
+    }
+    if e.durable != d.durable {
+        return Err(inequivalent("exchange", "durable", &d.name, d.durable, e.durable));
+    }
+    if e.auto_delete != d.auto_delete {
+        return Err(inequivalent("exchange", "auto_delete", &d.name, d.auto_delete, e.auto_delete));
+    }
+    if e.internal != d.internal {
+        return Err(inequivalent("exchange", "internal", &d.name, d.internal, e.internal));
+    }
+    if !e.name.is_empty() && !e.name.starts_with("amq.") && !fields::tables_equivalent(&e.arguments, &d.arguments) {
+        return Err(AmqpError::precondition_failed(format!(
+            "inequivalent arguments for exchange '{}' in vhost '/'",
+            d.name
+        )));
+    }
+    Ok(())
+}
+
+fn check_queue_equivalent(q: &Queue, d: &QueueDeclare) -> Result<(), AmqpError> {
+    if q.durable != d.durable {
+        return Err(inequivalent("queue", "durable", &q.name, d.durable, q.durable));
+    }
+    if q.exclusive_owner.is_some() != d.exclusive {
+        return Err(inequivalent("queue", "exclusive", &q.name, d.exclusive, q.exclusive_owner.is_some()));
+    }
+    if q.auto_delete != d.auto_delete {
+        return Err(inequivalent("queue", "auto_delete", &q.name, d.auto_delete, q.auto_delete));
+    }
+    if !fields::tables_equivalent(&q.arguments, &d.arguments) {
+        for (k, v) in q.arguments.inner().iter().chain(d.arguments.inner().iter()) {
+            let (a, b) = (q.arguments.inner().get(k.as_str()), d.arguments.inner().get(k.as_str()));
+            if !matches!((a, b), (Some(x), Some(y)) if fields::values_match(x, y)) {
+                let show = |v: Option<&AMQPValue>| v.map_or("none".to_string(), |v| format!("{v:?}"));
+                let _ = v;
+                return Err(inequivalent("queue", k.as_str(), &q.name, show(b), show(a)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A server-generated name: `prefix` and 22 random URL-safe characters.
+pub fn server_generated_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(prefix.len() + 22);
+    s.push_str(prefix);
+    for _ in 0..22 {
+        s.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
+    }
+    s
+}
+
+/// The message as dead-lettered: an `x-death` entry added (or its count raised) and the
+/// `x-first-death-*` headers set as RabbitMQ does, the expiration removed (kept in the entry as
+/// `original-expiration`), published to the dead-letter exchange with `routing_key`.
+fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Option<Message> {
+    let (_, mut props) = parse_properties(m.raw_properties()).ok()?;
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = |t: &FieldTable| {
+        fields::get(t, "queue").and_then(fields::as_str) == Some(queue)
+            && fields::get(t, "reason").and_then(fields::as_str) == Some(reason)
+    };
+    let existing = deaths.iter().position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)));
+    let entry = match existing {
+        Some(i) => {
+            let AMQPValue::FieldTable(mut t) = deaths.remove(i) else { return None };
+            let count = fields::get(&t, "count").and_then(fields::as_i64).unwrap_or(0) + 1;
+            t.insert("count".into(), AMQPValue::LongLongInt(count));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            t
+        }
+        None => {
+            let mut t = FieldTable::default();
+            t.insert("count".into(), AMQPValue::LongLongInt(1));
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            t.insert("exchange".into(), AMQPValue::LongString(m.exchange().into()));
+            let keys = FieldArray::from(vec![AMQPValue::LongString(m.routing_key().into())]);
+            t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+            if let Some(exp) = props.expiration() {
+                t.insert("original-expiration".into(), AMQPValue::LongString(exp.as_str().into()));
+            }
+            t
+        }
+    };
+    deaths.insert(0, AMQPValue::FieldTable(entry));
+    if !headers.contains_key("x-first-death-reason") {
+        headers.insert("x-first-death-reason".into(), AMQPValue::LongString(LongString::from(reason)));
+        headers.insert("x-first-death-queue".into(), AMQPValue::LongString(LongString::from(queue)));
+        headers.insert("x-first-death-exchange".into(), AMQPValue::LongString(LongString::from(m.exchange())));
+    }
+    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(deaths)));
+    props = rebuild_without_expiration(props).with_headers(headers);
+    let raw = encode_properties(&props)?;
+    let exchange = ShortString::try_new(m.exchange().to_string()).ok()?;
+    Message::new(exchange.as_str(), routing_key, &raw, m.body()).ok()
+}
+
+fn rebuild_without_expiration(p: AMQPProperties) -> AMQPProperties {
+    let mut n = AMQPProperties::default();
+    if let Some(v) = p.content_type() { n = n.with_content_type(v.clone()); }
+    if let Some(v) = p.content_encoding() { n = n.with_content_encoding(v.clone()); }
+    if let Some(v) = p.delivery_mode() { n = n.with_delivery_mode(*v); }
+    if let Some(v) = p.priority() { n = n.with_priority(*v); }
+    if let Some(v) = p.correlation_id() { n = n.with_correlation_id(v.clone()); }
+    if let Some(v) = p.reply_to() { n = n.with_reply_to(v.clone()); }
+    if let Some(v) = p.message_id() { n = n.with_message_id(v.clone()); }
+    if let Some(v) = p.timestamp() { n = n.with_timestamp(*v); }
+    if let Some(v) = p.kind() { n = n.with_type(v.clone()); }
+    if let Some(v) = p.user_id() { n = n.with_user_id(v.clone()); }
+    if let Some(v) = p.app_id() { n = n.with_app_id(v.clone()); }
+    if let Some(v) = p.cluster_id() { n = n.with_cluster_id(v.clone()); }
+    n
+}
+
+fn encode_properties(p: &AMQPProperties) -> Option<Vec<u8>> {
+    let ctx = gen_properties(p)(WriteContext::from(Vec::new())).ok()?;
+    Some(ctx.into_inner().0)
+}

@@ -1,0 +1,620 @@
+//! One AMQP channel: content assembly for publishes, the exchange, queue, basic, confirm and tx
+//! methods, and cleanup when it closes. Owned by its connection's reader; the parts queues need
+//! for delivery live in its `ChannelLink`.
+
+use std::sync::Arc;
+
+use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
+use amq_protocol::types::ShortString;
+
+use crate::broker::{Broker, ExchangeDeclare, QueueDeclare, server_generated_name};
+use crate::delivery::{ChannelLink, Consumer, Unacked};
+use crate::error::AmqpError;
+use crate::message::{Message, MessageBuilder, parse_expiration};
+use crate::protocol::control::write_method;
+use crate::protocol::hot::{self, ContentHeader, Publish, Settle};
+use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
+use crate::queue_settings::Overflow;
+
+/// What the channel needs from its connection.
+#[derive(Debug)]
+pub struct ChannelContext<'a> {
+    /// The broker.
+    pub broker: &'a Arc<Broker>,
+    /// The connection's id.
+    pub connection_id: u64,
+}
+
+/// A publish waiting for its content.
+#[derive(Debug)]
+struct PendingPublish {
+    exchange: String,
+    routing_key: String,
+    mandatory: bool,
+    builder: Option<MessageBuilder>,
+}
+
+/// A message whose content is complete, ready to route (now, or at tx.commit).
+#[derive(Debug)]
+struct Publication {
+    message: Message,
+    mandatory: bool,
+}
+
+#[derive(Debug, Default)]
+struct ConfirmState {
+    /// Sequence number of the last publish seen (the first is 1).
+    last_seq: u64,
+    /// Acks decided but not yet written (written once per read batch, `multiple`).
+    ack_pending_upto: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct TxState {
+    publishes: Vec<Publication>,
+    settles: Vec<(Settle, SettleKind)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SettleKind {
+    Ack,
+    Nack,
+}
+
+/// A channel.
+#[derive(Debug)]
+pub struct Channel {
+    /// Its delivery side, shared with queues.
+    pub link: Arc<ChannelLink>,
+    /// Waiting for channel.close-ok after we closed it: everything else is dropped.
+    pub closing: bool,
+    pending: Option<PendingPublish>,
+    confirm: Option<ConfirmState>,
+    tx: Option<TxState>,
+    default_prefetch: u32,
+    last_queue: Option<String>,
+    route_buf: Vec<Arc<Queue>>,
+}
+
+impl Channel {
+    /// A new open channel.
+    pub fn new(link: Arc<ChannelLink>) -> Channel {
+        Channel {
+            link,
+            closing: false,
+            pending: None,
+            confirm: None,
+            tx: None,
+            default_prefetch: 0,
+            last_queue: None,
+            route_buf: Vec::new(),
+        }
+    }
+
+    fn id(&self) -> u16 {
+        self.link.channel
+    }
+
+    fn reply(&self, method: AMQPClass) {
+        let ch = self.id();
+        self.link.out.write(|out| write_method(out, ch, method));
+    }
+
+    /// True while a publish waits for its header or body frames.
+    pub fn expects_content(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    // ---- the message path -------------------------------------------------------------------
+
+    /// basic.publish (hand-parsed).
+    pub fn publish(&mut self, ctx: &ChannelContext<'_>, p: Publish<'_>) -> Result<(), AmqpError> {
+        if p.immediate {
+            return Err(AmqpError::not_implemented("immediate=true"));
+        }
+        if !p.exchange.is_empty() {
+            match ctx.broker.exchange(p.exchange) {
+                None => return Err(AmqpError::not_found(format!("no exchange '{}' in vhost '/'", p.exchange))),
+                Some(e) if e.internal => {
+                    return Err(AmqpError::access_refused(format!(
+                        "cannot publish to internal exchange '{}' in vhost '/'",
+                        p.exchange
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        self.pending = Some(PendingPublish {
+            exchange: p.exchange.to_string(),
+            routing_key: p.routing_key.to_string(),
+            mandatory: p.mandatory,
+            builder: None,
+        });
+        Ok(())
+    }
+
+    /// A content header frame. `Ok(false)`: unexpected here (a connection error for the caller).
+    pub fn content_header(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        h: ContentHeader<'_>,
+    ) -> Result<bool, AmqpError> {
+        let Some(pending) = self.pending.as_mut() else { return Ok(false) };
+        if pending.builder.is_some() {
+            return Ok(false);
+        }
+        let max = ctx.broker.config.max_message_size;
+        if h.body_size > max {
+            self.pending = None;
+            return Err(AmqpError::precondition_failed(format!(
+                "message size {} is larger than configured max size {max} (--max-message-size)",
+                h.body_size
+            )));
+        }
+        if let Some(exp) = h.summary.expiration {
+            if parse_expiration(exp).is_none() {
+                self.pending = None;
+                return Err(AmqpError::precondition_failed(format!("invalid expiration '{exp}'")));
+            }
+        }
+        pending.builder = Some(MessageBuilder::new(
+            &pending.exchange,
+            &pending.routing_key,
+            h.raw_properties,
+            &h.summary,
+            h.body_size as usize,
+        ));
+        if h.body_size == 0 {
+            self.complete(ctx);
+        }
+        Ok(true)
+    }
+
+    /// A body frame. `Ok(false)`: unexpected here (no header yet, or more than announced).
+    pub fn content_body(&mut self, ctx: &ChannelContext<'_>, chunk: &[u8]) -> bool {
+        let Some(builder) = self.pending.as_mut().and_then(|p| p.builder.as_mut()) else {
+            return false;
+        };
+        if !builder.push_body(chunk) {
+            return false;
+        }
+        if builder.is_complete() {
+            self.complete(ctx);
+        }
+        true
+    }
+
+    fn complete(&mut self, ctx: &ChannelContext<'_>) {
+        let Some(PendingPublish { mandatory, builder: Some(builder), .. }) = self.pending.take() else {
+            return;
+        };
+        let publication = Publication { message: builder.finish(), mandatory };
+        if let Some(tx) = self.tx.as_mut() {
+            tx.publishes.push(publication);
+            return;
+        }
+        self.route_and_confirm(ctx, publication);
+    }
+
+    fn route_and_confirm(&mut self, ctx: &ChannelContext<'_>, p: Publication) {
+        let m = &p.message;
+        self.route_buf.clear();
+        // The exchange was checked at basic.publish; if it went away since, the message is
+        // unroutable, as in RabbitMQ.
+        let _ = ctx.broker.route(m.exchange(), m.routing_key(), m, &mut self.route_buf);
+        let routed = !self.route_buf.is_empty();
+        let now = ctx.broker.now_ms();
+        let mut rejected = false;
+        for q in &self.route_buf {
+            if q.enqueue(m.clone(), now) == EnqueueOutcome::Rejected {
+                rejected = true;
+                if q.settings.overflow == Overflow::RejectPublishDlx {
+                    let entry = QueuedMessage { id: 0, message: m.clone(), redelivered: false, expires_at_ms: u64::MAX };
+                    ctx.broker.dead_letter(q, vec![(entry, DequeueReason::Rejected)]);
+                }
+            }
+        }
+        self.route_buf.clear();
+        if !routed && p.mandatory {
+            let ch = self.id();
+            let frame_max = self.link.frame_max;
+            self.link.out.write(|out| {
+                hot::write_return(out, ch, 312, "NO_ROUTE", m.exchange(), m.routing_key());
+                hot::write_content(out, ch, m.raw_properties(), m.body(), frame_max);
+            });
+        }
+        if let Some(c) = self.confirm.as_mut() {
+            c.last_seq += 1;
+            if rejected {
+                let seq = c.last_seq;
+                let upto = c.ack_pending_upto.take();
+                let ch = self.link.channel;
+                self.link.out.write(|out| {
+                    if let Some(u) = upto {
+                        hot::write_ack(out, ch, u, true);
+                    }
+                    hot::write_nack(out, ch, seq, false, false);
+                });
+            } else {
+                c.ack_pending_upto = Some(c.last_seq);
+            }
+        }
+    }
+
+    /// Writes the publisher confirms decided during this read batch, as one `multiple` ack.
+    pub fn flush_confirms(&mut self) {
+        if let Some(upto) = self.confirm.as_mut().and_then(|c| c.ack_pending_upto.take()) {
+            let ch = self.id();
+            self.link.out.write(|out| hot::write_ack(out, ch, upto, true));
+        }
+    }
+
+    /// basic.ack / basic.nack / basic.reject from a consumer.
+    pub fn settle(&mut self, ctx: &ChannelContext<'_>, s: Settle, kind_nack: bool) -> Result<(), AmqpError> {
+        let kind = if kind_nack { SettleKind::Nack } else { SettleKind::Ack };
+        if let Some(tx) = self.tx.as_mut() {
+            // Applied (and validated) at tx.commit.
+            tx.settles.push((s, kind));
+            return Ok(());
+        }
+        self.apply_settle(ctx, s, kind)
+    }
+
+    fn apply_settle(&mut self, _ctx: &ChannelContext<'_>, s: Settle, kind: SettleKind) -> Result<(), AmqpError> {
+        let mut settled: Vec<Unacked> = Vec::new();
+        self.link.lock().settle(s.delivery_tag, s.multiple, &mut settled)?;
+        if kind == SettleKind::Nack && s.requeue {
+            requeue_all(settled);
+        } else {
+            let reason = if kind == SettleKind::Ack { DequeueReason::Consumed } else { DequeueReason::Rejected };
+            settle_all(settled, reason);
+        }
+        self.dispatch_own_queues();
+        Ok(())
+    }
+
+    /// After credit was freed, queues this channel consumes from may deliver more.
+    fn dispatch_own_queues(&self) {
+        let queues: Vec<Arc<Queue>> = {
+            let ls = self.link.lock();
+            let mut qs: Vec<Arc<Queue>> = Vec::new();
+            for c in ls.consumers.values() {
+                if !qs.iter().any(|q| Arc::ptr_eq(q, &c.queue)) {
+                    qs.push(c.queue.clone());
+                }
+            }
+            qs
+        };
+        for q in queues {
+            q.dispatch();
+        }
+    }
+
+    // ---- control methods --------------------------------------------------------------------
+
+    /// Any method other than publish/ack/nack/reject and channel.open/close.
+    pub fn handle_method(&mut self, ctx: &ChannelContext<'_>, method: AMQPClass) -> Result<(), AmqpError> {
+        match method {
+            AMQPClass::Exchange(m) => self.exchange_method(ctx, m),
+            AMQPClass::Queue(m) => self.queue_method(ctx, m),
+            AMQPClass::Basic(m) => self.basic_method(ctx, m),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition_failed("cannot switch from tx to confirm mode"));
+                }
+                self.confirm.get_or_insert_with(ConfirmState::default);
+                if !s.nowait {
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                }
+                Ok(())
+            }
+            AMQPClass::Tx(m) => self.tx_method(ctx, m),
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                self.link.lock().flow_active = f.active;
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: f.active })));
+                if f.active {
+                    self.dispatch_own_queues();
+                }
+                Ok(())
+            }
+            other => Err(AmqpError::not_implemented(format!(
+                "method {}.{} is not implemented",
+                other.get_amqp_class_id(),
+                other.get_amqp_method_id()
+            ))),
+        }
+    }
+
+    fn exchange_method(&mut self, ctx: &ChannelContext<'_>, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
+        match m {
+            exchange::AMQPMethod::Declare(d) => {
+                ctx.broker.declare_exchange(&ExchangeDeclare {
+                    name: d.exchange.to_string(),
+                    kind: d.kind.to_string(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                })?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                ctx.broker.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::not_implemented("exchange-to-exchange bindings are not implemented")),
+        }
+    }
+
+    fn queue_name(&self, given: &ShortString) -> Result<String, AmqpError> {
+        if given.as_str().is_empty() {
+            // RabbitMQ's rule: "" names the queue last declared on this channel.
+            return self.last_queue.clone().ok_or_else(|| {
+                AmqpError::not_found("no previously declared queue on this channel")
+            });
+        }
+        Ok(given.to_string())
+    }
+
+    fn queue_method(&mut self, ctx: &ChannelContext<'_>, m: queue::AMQPMethod) -> Result<(), AmqpError> {
+        let b = ctx.broker;
+        let conn = ctx.connection_id;
+        match m {
+            queue::AMQPMethod::Declare(d) => {
+                let declared = b.declare_queue(conn, &QueueDeclare {
+                    name: d.queue.to_string(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments,
+                })?;
+                self.last_queue = Some(declared.queue.name.clone());
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: short(&declared.queue.name),
+                        message_count: declared.message_count,
+                        consumer_count: declared.consumer_count,
+                    })));
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Bind(x) => {
+                let name = self.queue_name(&x.queue)?;
+                b.bind(conn, &name, x.exchange.as_str(), x.routing_key.as_str(), &x.arguments)?;
+                if !x.nowait {
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Unbind(x) => {
+                let name = self.queue_name(&x.queue)?;
+                b.unbind(conn, &name, x.exchange.as_str(), x.routing_key.as_str(), &x.arguments)?;
+                self.reply(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                Ok(())
+            }
+            queue::AMQPMethod::Purge(x) => {
+                let name = self.queue_name(&x.queue)?;
+                let n = b.purge(conn, &name)?;
+                if !x.nowait {
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: n })));
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Delete(x) => {
+                let name = self.queue_name(&x.queue)?;
+                let n = b.delete_queue(conn, &name, x.if_unused, x.if_empty)?;
+                if !x.nowait {
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: n })));
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("server-to-client queue method sent by the client")),
+        }
+    }
+
+    fn basic_method(&mut self, ctx: &ChannelContext<'_>, m: basic::AMQPMethod) -> Result<(), AmqpError> {
+        match m {
+            basic::AMQPMethod::Qos(q) => {
+                if q.global {
+                    self.link.lock().global_prefetch = u32::from(q.prefetch_count);
+                } else {
+                    self.default_prefetch = u32::from(q.prefetch_count);
+                }
+                self.reply(AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                self.dispatch_own_queues();
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
+            basic::AMQPMethod::Cancel(c) => {
+                self.cancel(ctx, c.consumer_tag.as_str());
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => {
+                let name = self.queue_name(&g.queue)?;
+                let q = ctx.broker.queue_for(ctx.connection_id, &name)?;
+                let now = ctx.broker.now_ms();
+                if !q.get(&self.link, g.no_ack, now) {
+                    self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.reply(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
+            _ => Err(AmqpError::command_invalid("server-to-client basic method sent by the client")),
+        }
+    }
+
+    fn recover(&mut self, requeue: bool) -> Result<(), AmqpError> {
+        if !requeue {
+            return Err(AmqpError::not_implemented("basic.recover with requeue=false"));
+        }
+        let all = self.link.lock().take_all();
+        requeue_all(all);
+        Ok(())
+    }
+
+    fn consume(&mut self, ctx: &ChannelContext<'_>, c: basic::Consume) -> Result<(), AmqpError> {
+        let name = self.queue_name(&c.queue)?;
+        let q = ctx.broker.queue_for(ctx.connection_id, &name)?;
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            server_generated_name("amq.ctag-")
+        } else {
+            c.consumer_tag.to_string()
+        };
+        {
+            let ls = self.link.lock();
+            if ls.consumers.contains_key(&tag) {
+                return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")));
+            }
+            let max = ctx.broker.config.max_consumers_per_channel;
+            if max != 0 && ls.consumers.len() >= max {
+                return Err(AmqpError::precondition_failed(format!(
+                    "the limit of {max} consumers per channel (--max-consumers-per-channel) is reached"
+                )));
+            }
+        }
+        let consumer = Arc::new(Consumer::new(
+            tag.clone(),
+            self.link.clone(),
+            q.clone(),
+            c.no_ack,
+            c.exclusive,
+            self.default_prefetch,
+            c.arguments,
+        ));
+        let ch = self.id();
+        let nowait = c.nowait;
+        let reply_tag = short(&tag);
+        q.add_consumer(consumer.clone(), ctx.broker.now_ms(), || {
+            // Written under the queue's lock, so it precedes the first delivery.
+            self.link.lock().consumers.insert(tag.clone(), consumer.clone());
+            if !nowait {
+                self.link.out.write(|out| {
+                    write_method(
+                        out,
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: reply_tag })),
+                    );
+                });
+            }
+        })
+    }
+
+    fn cancel(&mut self, ctx: &ChannelContext<'_>, tag: &str) {
+        let Some(consumer) = self.link.lock().consumers.remove(tag) else { return };
+        if consumer.mark_cancelled() {
+            remove_consumer(ctx.broker, &consumer);
+        }
+    }
+
+    fn tx_method(&mut self, ctx: &ChannelContext<'_>, m: tx::AMQPMethod) -> Result<(), AmqpError> {
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if self.confirm.is_some() {
+                    return Err(AmqpError::precondition_failed("cannot switch from confirm to tx mode"));
+                }
+                self.tx.get_or_insert_with(TxState::default);
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(AmqpError::precondition_failed("channel is not transactional"));
+                };
+                let work = std::mem::take(tx);
+                for p in work.publishes {
+                    self.route_and_confirm(ctx, p);
+                }
+                for (s, kind) in work.settles {
+                    self.apply_settle(ctx, s, kind)?;
+                }
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(AmqpError::precondition_failed("channel is not transactional"));
+                };
+                *tx = TxState::default();
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                Ok(())
+            }
+            _ => Err(AmqpError::command_invalid("server-to-client tx method sent by the client")),
+        }
+    }
+
+    /// The channel is going away (closed by either side, or its connection closed): requeue
+    /// its unacked deliveries and cancel its consumers.
+    pub fn shutdown(&mut self, broker: &Arc<Broker>) {
+        self.pending = None;
+        self.tx = None;
+        let (unacked, consumers) = self.link.close();
+        for c in consumers {
+            if c.mark_cancelled() {
+                remove_consumer(broker, &c);
+            }
+        }
+        requeue_all(unacked);
+    }
+}
+
+/// Removes a consumer from its queue, deleting an auto-delete queue left without consumers.
+fn remove_consumer(broker: &Arc<Broker>, consumer: &Arc<Consumer>) {
+    if consumer.queue.remove_consumer(consumer, broker.now_ms()) {
+        broker.remove_queue(&consumer.queue);
+    }
+}
+
+/// Groups settled deliveries by queue and settles each group under one queue lock.
+fn settle_all(settled: Vec<Unacked>, reason: DequeueReason) {
+    for (q, entries) in group_by_queue(settled) {
+        q.settle(entries, reason);
+    }
+}
+
+fn requeue_all(settled: Vec<Unacked>) {
+    for (q, entries) in group_by_queue(settled) {
+        q.requeue(entries);
+    }
+}
+
+fn group_by_queue(settled: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<QueuedMessage>)> {
+    let mut groups: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for u in settled {
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, v)) => v.push(u.entry),
+            None => groups.push((u.queue, vec![u.entry])),
+        }
+    }
+    groups
+}
+
+/// Tells a client that its consumer was cancelled by the broker (its queue was deleted).
+pub fn write_server_cancel(link: &ChannelLink, tag: &str) {
+    let ch = link.channel;
+    let method = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: short(tag), nowait: true }));
+    link.out.write(|out| write_method(out, ch, method));
+}
+
+/// A short string from broker-side text that is known to fit (names were short strings on the
+/// wire; generated names are short).
+fn short(s: &str) -> ShortString {
+    ShortString::try_new(s.to_string()).unwrap_or_else(|_| ShortString::from(""))
+}

@@ -1,0 +1,335 @@
+//! What a queue needs to hand a message to a consumer on another connection without a hop
+//! through a task: the connection's outbound buffer (`Outbound`), the channel's delivery state
+//! (`ChannelLink`: delivery tags, unacked messages, prefetch) and the `Consumer`.
+//!
+//! Lock order, always: queue state, then channel link state, then outbound buffer. Code that
+//! holds a link lock never takes a queue lock (acks collect what they settle, release the link,
+//! then visit the queues).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use amq_protocol::types::FieldTable;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::error::AmqpError;
+use crate::queue::{Queue, QueuedMessage};
+
+/// Bytes queued for one connection's socket above which queues stop delivering to it (its
+/// consumers are slow readers), and below which they resume.
+pub const OUTBOUND_HIGH_WATER_BYTES: usize = 4 * 1024 * 1024;
+/// See `OUTBOUND_HIGH_WATER_BYTES`.
+pub const OUTBOUND_LOW_WATER_BYTES: usize = 1024 * 1024;
+
+/// A connection's outgoing bytes. Anyone may append frames; the connection's writer task swaps
+/// the buffer out and writes it with one syscall, so deliveries made while it writes are
+/// batched into the next write.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    buf: Mutex<OutboundBuf>,
+    notify: Notify,
+    /// Bytes appended and not yet written to the socket.
+    pending_bytes: AtomicUsize,
+    /// Queues that skipped a consumer of this connection because it was congested.
+    waiting_queues: Mutex<Vec<Weak<Queue>>>,
+}
+
+#[derive(Debug, Default)]
+struct OutboundBuf {
+    bytes: Vec<u8>,
+    closing: bool,
+}
+
+impl Outbound {
+    /// Appends frames with `write`, and wakes the writer if it was idle.
+    pub fn write<R>(&self, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let mut b = self.buf.lock();
+        let before = b.bytes.len();
+        let r = write(&mut b.bytes);
+        let added = b.bytes.len() - before;
+        drop(b);
+        if added > 0 {
+            self.pending_bytes.fetch_add(added, Ordering::Relaxed);
+            if before == 0 {
+                self.notify.notify_one();
+            }
+        }
+        r
+    }
+
+    /// Asks the writer to flush what is queued and then shut the socket down. Frames appended
+    /// after this are still written if they arrive before the writer sees the flag.
+    pub fn close(&self) {
+        self.buf.lock().closing = true;
+        self.notify.notify_one();
+    }
+
+    /// Swaps the queued bytes into `spare` (which must be empty). Returns true if a close was
+    /// requested.
+    pub fn take(&self, spare: &mut Vec<u8>) -> bool {
+        debug_assert!(spare.is_empty());
+        let mut b = self.buf.lock();
+        std::mem::swap(&mut b.bytes, spare);
+        b.closing
+    }
+
+    /// Waits until something is appended or a close is requested.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Called by the writer after `n` bytes reached the socket. Wakes queues that were waiting
+    /// for this connection to drain.
+    pub fn written(&self, n: usize) {
+        let left = self.pending_bytes.fetch_sub(n, Ordering::Relaxed) - n;
+        if left < OUTBOUND_LOW_WATER_BYTES {
+            let waiting = std::mem::take(&mut *self.waiting_queues.lock());
+            for q in waiting.iter().filter_map(Weak::upgrade) {
+                q.dispatch();
+            }
+        }
+    }
+
+    /// True if queues should not deliver more to this connection for now.
+    pub fn is_congested(&self) -> bool {
+        self.pending_bytes.load(Ordering::Relaxed) > OUTBOUND_HIGH_WATER_BYTES
+    }
+
+    /// Registers a queue to be re-dispatched once this connection drains.
+    pub fn wait_for_drain(&self, queue: &Arc<Queue>) {
+        let mut w = self.waiting_queues.lock();
+        if !w.iter().any(|x| x.as_ptr() == Arc::as_ptr(queue)) {
+            w.push(Arc::downgrade(queue));
+        }
+    }
+}
+
+/// A delivery awaiting acknowledgement.
+#[derive(Debug)]
+pub struct Unacked {
+    /// Where it came from.
+    pub queue: Arc<Queue>,
+    /// The message and its id in that queue.
+    pub entry: QueuedMessage,
+    /// The consumer it went to (`None` for basic.get).
+    pub consumer: Option<Arc<Consumer>>,
+}
+
+/// The part of a channel that queues deliver through.
+#[derive(Debug)]
+pub struct ChannelLink {
+    /// The channel number.
+    pub channel: u16,
+    /// The connection's id (exclusive queues belong to one).
+    pub connection_id: u64,
+    /// The connection's outbound buffer.
+    pub out: Arc<Outbound>,
+    /// The negotiated frame_max, for splitting bodies.
+    pub frame_max: u32,
+    /// The client understands server-sent basic.cancel.
+    pub cancel_notify: bool,
+    state: Mutex<LinkState>,
+}
+
+/// Delivery state of a channel.
+#[derive(Debug)]
+pub struct LinkState {
+    next_delivery_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// basic.qos global: a limit on the channel's unacked deliveries (0 = none).
+    pub global_prefetch: u32,
+    max_unacked: u32,
+    /// channel.flow: deliveries paused when false.
+    pub flow_active: bool,
+    open: bool,
+    /// The channel's consumers by tag.
+    pub consumers: HashMap<String, Arc<Consumer>>,
+}
+
+impl ChannelLink {
+    /// A new open channel.
+    pub fn new(
+        channel: u16,
+        connection_id: u64,
+        out: Arc<Outbound>,
+        frame_max: u32,
+        cancel_notify: bool,
+        max_unacked: u32,
+    ) -> ChannelLink {
+        ChannelLink {
+            channel,
+            connection_id,
+            out,
+            frame_max,
+            cancel_notify,
+            state: Mutex::new(LinkState {
+                next_delivery_tag: 1,
+                unacked: BTreeMap::new(),
+                global_prefetch: 0,
+                max_unacked,
+                flow_active: true,
+                open: true,
+                consumers: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Locks the delivery state.
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, LinkState> {
+        self.state.lock()
+    }
+
+    /// Marks the channel closed and takes every unacked delivery and consumer, for requeueing
+    /// and cancelling.
+    pub fn close(&self) -> (Vec<Unacked>, Vec<Arc<Consumer>>) {
+        let mut s = self.state.lock();
+        s.open = false;
+        let unacked = std::mem::take(&mut s.unacked).into_values().collect();
+        let consumers = s.consumers.drain().map(|(_, c)| c).collect();
+        (unacked, consumers)
+    }
+}
+
+impl LinkState {
+    /// True if `consumer` (or basic.get when `None`) may take one more unacked delivery.
+    pub fn has_credit(&self, consumer: Option<&Consumer>, no_ack: bool) -> bool {
+        if !self.open {
+            return false;
+        }
+        if no_ack {
+            return consumer.is_none() || self.flow_active;
+        }
+        if consumer.is_some() && !self.flow_active {
+            return false;
+        }
+        let unacked = self.unacked.len() as u32;
+        if unacked >= self.max_unacked {
+            return false;
+        }
+        if self.global_prefetch != 0 && unacked >= self.global_prefetch && consumer.is_some() {
+            return false;
+        }
+        match consumer {
+            Some(c) => c.prefetch == 0 || c.unacked.load(Ordering::Relaxed) < c.prefetch,
+            None => true,
+        }
+    }
+
+    /// Takes the next delivery tag.
+    pub fn next_tag(&mut self) -> u64 {
+        let t = self.next_delivery_tag;
+        self.next_delivery_tag += 1;
+        t
+    }
+
+    /// Records an unacked delivery under `tag`.
+    pub fn track(&mut self, tag: u64, unacked: Unacked) {
+        if let Some(c) = &unacked.consumer {
+            c.unacked.fetch_add(1, Ordering::Relaxed);
+        }
+        let previous = self.unacked.insert(tag, unacked);
+        debug_assert!(previous.is_none(), "delivery tag {tag} reused");
+    }
+
+    /// Removes the deliveries an ack, nack or reject names, appending them to `out`. A tag that
+    /// is not outstanding is a 406 channel error (as RabbitMQ), unless it is `multiple` with
+    /// tag 0, which means "everything".
+    pub fn settle(&mut self, tag: u64, multiple: bool, out: &mut Vec<Unacked>) -> Result<(), AmqpError> {
+        if multiple {
+            if tag != 0 && !self.unacked.contains_key(&tag) && tag >= self.next_delivery_tag {
+                return Err(AmqpError::precondition_failed(format!("unknown delivery tag {tag}")));
+            }
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            let rest = self.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut self.unacked, rest);
+            out.extend(taken.into_values());
+        } else {
+            match self.unacked.remove(&tag) {
+                Some(u) => out.push(u),
+                None => {
+                    return Err(AmqpError::precondition_failed(format!("unknown delivery tag {tag}")));
+                }
+            }
+        }
+        for u in out.iter() {
+            if let Some(c) = &u.consumer {
+                c.unacked.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every unacked delivery (basic.recover).
+    pub fn take_all(&mut self) -> Vec<Unacked> {
+        let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+        for u in &all {
+            if let Some(c) = &u.consumer {
+                c.unacked.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        all
+    }
+
+    /// Number of unacked deliveries.
+    pub fn unacked_count(&self) -> usize {
+        self.unacked.len()
+    }
+}
+
+/// A subscription of a channel to a queue.
+#[derive(Debug)]
+pub struct Consumer {
+    /// The consumer tag.
+    pub tag: String,
+    /// The channel it delivers on.
+    pub link: Arc<ChannelLink>,
+    /// The queue it consumes from.
+    pub queue: Arc<Queue>,
+    /// Messages are settled when sent.
+    pub no_ack: bool,
+    /// The only consumer of its queue.
+    pub exclusive: bool,
+    /// Per-consumer prefetch (basic.qos with global=false before consume; 0 = none).
+    pub prefetch: u32,
+    /// basic.consume arguments.
+    pub arguments: FieldTable,
+    unacked: AtomicU32,
+    cancelled: AtomicBool,
+}
+
+impl Consumer {
+    /// A new consumer.
+    pub fn new(
+        tag: String,
+        link: Arc<ChannelLink>,
+        queue: Arc<Queue>,
+        no_ack: bool,
+        exclusive: bool,
+        prefetch: u32,
+        arguments: FieldTable,
+    ) -> Consumer {
+        Consumer {
+            tag,
+            link,
+            queue,
+            no_ack,
+            exclusive,
+            prefetch,
+            arguments,
+            unacked: AtomicU32::new(0),
+            cancelled: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks it cancelled; returns false if it already was.
+    pub fn mark_cancelled(&self) -> bool {
+        !self.cancelled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Its unacked deliveries.
+    pub fn unacked(&self) -> u32 {
+        self.unacked.load(Ordering::Relaxed)
+    }
+}

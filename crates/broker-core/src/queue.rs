@@ -1,0 +1,658 @@
+//! Queues: ready messages (in priority levels), consumers, limits, TTL, last-value semantics,
+//! and the single place every enqueue and dequeue passes through (`QueueState::record_*`), which
+//! is where replication observers, the store and confirm guards attach.
+//!
+//! Each message gets a 64-bit id, increasing and never reused within the queue's incarnation (a
+//! uuid made when the queue is created). Ready messages are kept sorted by id within their
+//! priority level, so a requeued message goes back to its place.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use amq_protocol::types::FieldTable;
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::broker::Broker;
+use crate::delivery::{ChannelLink, Consumer, Unacked};
+use crate::error::AmqpError;
+use crate::fields;
+use crate::message::Message;
+use crate::protocol::hot;
+use crate::queue_settings::{Overflow, QueueSettings};
+
+/// A message in a queue.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// Its id in this queue's incarnation (replication id).
+    pub id: u64,
+    /// The message.
+    pub message: Message,
+    /// Delivered before and put back.
+    pub redelivered: bool,
+    /// When it expires, in broker milliseconds (`u64::MAX` = never).
+    pub expires_at_ms: u64,
+}
+
+/// Why a message left a queue. Observers (replication, store) see every one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DequeueReason {
+    /// Acknowledged, or sent to a no-ack consumer or no-ack get.
+    Consumed,
+    /// Rejected or nacked without requeue.
+    Rejected,
+    /// Its TTL ran out.
+    Expired,
+    /// Pushed out by a length or size limit (drop-head, ring).
+    Overflow,
+    /// Replaced by a newer message with the same last-value key.
+    Replaced,
+    /// queue.purge.
+    Purged,
+    /// The queue was deleted.
+    Deleted,
+}
+
+impl DequeueReason {
+    /// The `reason` of an x-death entry, for reasons that dead-letter.
+    pub fn dead_letter_reason(self) -> Option<&'static str> {
+        match self {
+            DequeueReason::Rejected => Some("rejected"),
+            DequeueReason::Expired => Some("expired"),
+            DequeueReason::Overflow => Some("maxlen"),
+            _ => None,
+        }
+    }
+}
+
+/// Something that follows a queue's enqueues and dequeues (replication, later the store).
+/// Called with the queue's lock held: it must be quick and must not call back into the queue.
+pub trait QueueObserver: Send + Sync + std::fmt::Debug {
+    /// A message was added.
+    fn enqueued(&self, queue: &Queue, entry: &QueuedMessage);
+    /// A message left the queue for good.
+    fn dequeued(&self, queue: &Queue, id: u64, reason: DequeueReason);
+}
+
+/// Outcome of offering a message to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Taken.
+    Accepted,
+    /// Refused by a `reject-publish` limit: the publisher gets a nack.
+    Rejected,
+}
+
+/// A queue.
+#[derive(Debug)]
+pub struct Queue {
+    /// Its name.
+    pub name: String,
+    /// Survives a restart (once there is a store).
+    pub durable: bool,
+    /// The owning connection of an exclusive queue.
+    pub exclusive_owner: Option<u64>,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Declare arguments as the client gave them (for redeclare checks and listings).
+    pub arguments: FieldTable,
+    /// What the arguments mean.
+    pub settings: QueueSettings,
+    /// This incarnation's uuid.
+    pub incarnation: uuid::Uuid,
+    broker: Weak<Broker>,
+    deleted: AtomicBool,
+    state: Mutex<QueueState>,
+}
+
+/// The mutable part of a queue.
+#[derive(Debug)]
+pub struct QueueState {
+    ready: Ready,
+    next_id: u64,
+    ready_bytes: u64,
+    unacked_count: u64,
+    consumers: Vec<Arc<Consumer>>,
+    next_consumer: usize,
+    had_consumers: bool,
+    last_used_ms: u64,
+    last_value: HashMap<Vec<u8>, u64>,
+    /// Total messages ever enqueued.
+    pub enqueued_total: u64,
+    /// Total messages ever dequeued.
+    pub dequeued_total: u64,
+    observers: Vec<Arc<dyn QueueObserver>>,
+}
+
+/// Ready messages by priority level, each level sorted by id.
+#[derive(Debug)]
+struct Ready {
+    levels: Vec<VecDeque<QueuedMessage>>,
+    len: usize,
+}
+
+impl Ready {
+    fn new(levels: usize) -> Ready {
+        Ready { levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(), len: 0 }
+    }
+
+    fn level_of(&self, m: &Message) -> usize {
+        (m.priority() as usize).min(self.levels.len() - 1)
+    }
+
+    fn push_back(&mut self, e: QueuedMessage) {
+        let l = self.level_of(&e.message);
+        debug_assert!(self.levels[l].back().is_none_or(|b| b.id < e.id), "ids must increase");
+        self.levels[l].push_back(e);
+        self.len += 1;
+    }
+
+    /// Puts a message back in id order within its level.
+    fn insert_sorted(&mut self, e: QueuedMessage) {
+        let l = self.level_of(&e.message);
+        let level = &mut self.levels[l];
+        let at = level.partition_point(|x| x.id < e.id);
+        level.insert(at, e);
+        self.len += 1;
+    }
+
+    fn front(&self) -> Option<&QueuedMessage> {
+        self.levels.iter().rev().find_map(|l| l.front())
+    }
+
+    fn pop_front(&mut self) -> Option<QueuedMessage> {
+        let e = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
+        self.len -= 1;
+        Some(e)
+    }
+
+    /// Removes the oldest message of the lowest level (what drop-head discards first).
+    fn pop_oldest_lowest(&mut self) -> Option<QueuedMessage> {
+        let e = self.levels.iter_mut().find_map(|l| l.pop_front())?;
+        self.len -= 1;
+        Some(e)
+    }
+
+    fn remove_id(&mut self, id: u64) -> Option<QueuedMessage> {
+        for level in &mut self.levels {
+            let at = level.partition_point(|x| x.id < id);
+            if level.get(at).is_some_and(|x| x.id == id) {
+                self.len -= 1;
+                return level.remove(at);
+            }
+        }
+        None
+    }
+
+    fn drain(&mut self) -> Vec<QueuedMessage> {
+        self.len = 0;
+        self.levels.iter_mut().flat_map(|l| l.drain(..)).collect()
+    }
+}
+
+/// What a dispatch or an enqueue produced that must be handled after the queue lock is released.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// Messages to dead-letter, with why.
+    pub dead: Vec<(QueuedMessage, DequeueReason)>,
+}
+
+impl Queue {
+    /// A new, empty queue.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        durable: bool,
+        exclusive_owner: Option<u64>,
+        auto_delete: bool,
+        arguments: FieldTable,
+        settings: QueueSettings,
+        broker: Weak<Broker>,
+        now_ms: u64,
+    ) -> Queue {
+        let levels = settings.max_priority.map_or(1, |p| p as usize + 1);
+        Queue {
+            name,
+            durable,
+            exclusive_owner,
+            auto_delete,
+            arguments,
+            settings,
+            incarnation: uuid::Uuid::new_v4(),
+            broker,
+            deleted: AtomicBool::new(false),
+            state: Mutex::new(QueueState {
+                ready: Ready::new(levels),
+                next_id: 1,
+                ready_bytes: 0,
+                unacked_count: 0,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                had_consumers: false,
+                last_used_ms: now_ms,
+                last_value: HashMap::new(),
+                enqueued_total: 0,
+                dequeued_total: 0,
+                observers: Vec::new(),
+            }),
+        }
+    }
+
+    /// Locks the state (for statistics and management).
+    pub fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock()
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.broker.upgrade().map_or(0, |b| b.now_ms())
+    }
+
+    /// Adds an observer of enqueues and dequeues.
+    pub fn add_observer(&self, observer: Arc<dyn QueueObserver>) {
+        self.state.lock().observers.push(observer);
+    }
+
+    /// Offers a published message; delivers it at once if a consumer can take it.
+    pub fn enqueue(self: &Arc<Self>, message: Message, now_ms: u64) -> EnqueueOutcome {
+        let mut left = Leftovers::default();
+        let outcome = {
+            let mut st = self.state.lock();
+            let outcome = self.enqueue_locked(&mut st, message, now_ms, &mut left);
+            if outcome == EnqueueOutcome::Accepted {
+                self.dispatch_locked(&mut st, now_ms, &mut left);
+                // A TTL of 0 means "deliver now or never" (RabbitMQ).
+                self.expire_locked(&mut st, now_ms, &mut left);
+            }
+            outcome
+        };
+        self.handle_leftovers(left);
+        outcome
+    }
+
+    fn enqueue_locked(
+        &self,
+        st: &mut QueueState,
+        message: Message,
+        now_ms: u64,
+        left: &mut Leftovers,
+    ) -> EnqueueOutcome {
+        if self.is_deleted() {
+            return EnqueueOutcome::Accepted;
+        }
+        let size = message.body_size();
+        let s = &self.settings;
+        let over_count = s.max_length.is_some_and(|max| st.ready.len as u64 + 1 > max);
+        let over_bytes = s.max_length_bytes.is_some_and(|max| st.ready_bytes + size > max);
+        if (over_count || over_bytes) && s.overflow != Overflow::DropHead {
+            return EnqueueOutcome::Rejected;
+        }
+        let ttl = match (s.message_ttl_ms, message.expiration_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expires_at_ms = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
+        let id = st.next_id;
+        st.next_id += 1;
+        if let Some(key) = &s.last_value_key {
+            if let Some(value) = last_value_of(&message, key) {
+                if let Some(old) = st.last_value.insert(value, id) {
+                    if let Some(e) = st.ready.remove_id(old) {
+                        self.record_dequeue(st, &e, DequeueReason::Replaced);
+                    }
+                }
+            }
+        }
+        let entry = QueuedMessage { id, message, redelivered: false, expires_at_ms };
+        st.ready_bytes += size;
+        st.enqueued_total += 1;
+        for o in &st.observers {
+            o.enqueued(self, &entry);
+        }
+        if let Some(b) = self.broker.upgrade() {
+            b.memory_add(entry.message.memory_size());
+        }
+        st.ready.push_back(entry);
+        // drop-head: make room by discarding the oldest.
+        while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
+            || s.max_length_bytes.is_some_and(|max| st.ready_bytes > max)
+        {
+            let Some(e) = st.ready.pop_oldest_lowest() else { break };
+            st.ready_bytes -= e.message.body_size();
+            self.record_dequeue(st, &e, DequeueReason::Overflow);
+            left.dead.push((e, DequeueReason::Overflow));
+        }
+        EnqueueOutcome::Accepted
+    }
+
+    /// The one place a message leaves the queue for good (ready or unacked).
+    fn record_dequeue(&self, st: &mut QueueState, e: &QueuedMessage, reason: DequeueReason) {
+        st.dequeued_total += 1;
+        if let Some(key) = &self.settings.last_value_key {
+            if let Some(v) = last_value_of(&e.message, key) {
+                if st.last_value.get(&v) == Some(&e.id) {
+                    st.last_value.remove(&v);
+                }
+            }
+        }
+        for o in &st.observers {
+            o.dequeued(self, e.id, reason);
+        }
+        if let Some(b) = self.broker.upgrade() {
+            b.memory_sub(e.message.memory_size());
+        }
+    }
+
+    fn pop_ready(&self, st: &mut QueueState) -> Option<QueuedMessage> {
+        let e = st.ready.pop_front()?;
+        st.ready_bytes -= e.message.body_size();
+        Some(e)
+    }
+
+    /// Delivers ready messages to consumers with credit, round robin.
+    pub fn dispatch(self: &Arc<Self>) {
+        let now = self.now_ms();
+        let mut left = Leftovers::default();
+        {
+            let mut st = self.state.lock();
+            self.dispatch_locked(&mut st, now, &mut left);
+        }
+        self.handle_leftovers(left);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now_ms: u64, left: &mut Leftovers) {
+        if st.consumers.is_empty() {
+            return;
+        }
+        'messages: while st.ready.len > 0 {
+            let n = st.consumers.len();
+            for i in 0..n {
+                let idx = (st.next_consumer + i) % n;
+                let consumer = st.consumers[idx].clone();
+                let link = &consumer.link;
+                if link.out.is_congested() {
+                    link.out.wait_for_drain(self);
+                    continue;
+                }
+                let mut ls = link.lock();
+                if !ls.has_credit(Some(&consumer), consumer.no_ack) {
+                    continue;
+                }
+                let Some(entry) = self.pop_ready(st) else { break 'messages };
+                if entry.expires_at_ms < now_ms {
+                    drop(ls);
+                    self.record_dequeue(st, &entry, DequeueReason::Expired);
+                    left.dead.push((entry, DequeueReason::Expired));
+                    continue 'messages;
+                }
+                let tag = ls.next_tag();
+                write_delivery(link, Some(&consumer.tag), tag, &entry, 0);
+                if consumer.no_ack {
+                    drop(ls);
+                    self.record_dequeue(st, &entry, DequeueReason::Consumed);
+                } else {
+                    st.unacked_count += 1;
+                    ls.track(tag, Unacked { queue: self.clone(), entry, consumer: Some(consumer.clone()) });
+                }
+                st.next_consumer = (idx + 1) % n;
+                continue 'messages;
+            }
+            break;
+        }
+    }
+
+    /// Drops expired messages from the head of each priority level.
+    fn expire_locked(&self, st: &mut QueueState, now_ms: u64, left: &mut Leftovers) {
+        while st.ready.front().is_some_and(|e| e.expires_at_ms <= now_ms) {
+            let Some(e) = self.pop_ready(st) else { break };
+            self.record_dequeue(st, &e, DequeueReason::Expired);
+            left.dead.push((e, DequeueReason::Expired));
+        }
+    }
+
+    /// Periodic housekeeping: expires messages. Returns true if the queue has been unused for
+    /// its `x-expires` time and should be deleted.
+    pub fn sweep(self: &Arc<Self>, now_ms: u64) -> bool {
+        let mut left = Leftovers::default();
+        let unused = {
+            let mut st = self.state.lock();
+            self.expire_locked(&mut st, now_ms, &mut left);
+            self.settings.expires_ms.is_some_and(|e| {
+                st.consumers.is_empty() && now_ms.saturating_sub(st.last_used_ms) >= e
+            })
+        };
+        self.handle_leftovers(left);
+        unused
+    }
+
+    /// basic.get: takes the head message for `link`. Returns false if the queue was empty.
+    pub fn get(self: &Arc<Self>, link: &ChannelLink, no_ack: bool, now_ms: u64) -> bool {
+        let mut left = Leftovers::default();
+        let got = {
+            let mut st = self.state.lock();
+            st.last_used_ms = now_ms;
+            self.expire_locked(&mut st, now_ms, &mut left);
+            match self.pop_ready(&mut st) {
+                None => false,
+                Some(entry) => {
+                    let mut ls = link.lock();
+                    let tag = ls.next_tag();
+                    let remaining = st.ready.len as u32;
+                    write_delivery(link, None, tag, &entry, remaining);
+                    if no_ack {
+                        drop(ls);
+                        self.record_dequeue(&mut st, &entry, DequeueReason::Consumed);
+                    } else {
+                        st.unacked_count += 1;
+                        // Arc<Self> is needed in Unacked; get() is always called on an Arc.
+                        ls.track(tag, Unacked { queue: self.clone(), entry, consumer: None });
+                    }
+                    true
+                }
+            }
+        };
+        self.handle_leftovers(left);
+        got
+    }
+
+    /// Settles deliveries from this queue that were acked (or nacked without requeue, with
+    /// `reason` Rejected), then delivers more if credit was freed.
+    pub fn settle(self: &Arc<Self>, entries: Vec<QueuedMessage>, reason: DequeueReason) {
+        let mut left = Leftovers::default();
+        {
+            let mut st = self.state.lock();
+            for e in entries {
+                st.unacked_count -= 1;
+                if self.is_deleted() {
+                    continue;
+                }
+                self.record_dequeue(&mut st, &e, reason);
+                if reason == DequeueReason::Rejected {
+                    left.dead.push((e, reason));
+                }
+            }
+        }
+        self.handle_leftovers(left);
+    }
+
+    /// Puts deliveries back, marked redelivered, in their original places.
+    pub fn requeue(self: &Arc<Self>, entries: Vec<QueuedMessage>) {
+        let now = self.now_ms();
+        let mut left = Leftovers::default();
+        {
+            let mut st = self.state.lock();
+            for mut e in entries {
+                st.unacked_count -= 1;
+                if self.is_deleted() {
+                    continue;
+                }
+                e.redelivered = true;
+                st.ready_bytes += e.message.body_size();
+                st.ready.insert_sorted(e);
+            }
+            self.dispatch_locked(&mut st, now, &mut left);
+        }
+        self.handle_leftovers(left);
+    }
+
+    /// Adds a consumer. Refuses an exclusive consumer on a queue with consumers, and any
+    /// consumer on a queue with an exclusive one (403, as RabbitMQ).
+    /// `on_added` runs under the queue's lock once the consumer is in, before any delivery to
+    /// it, so consume-ok precedes the first basic.deliver.
+    pub fn add_consumer(
+        self: &Arc<Self>,
+        consumer: Arc<Consumer>,
+        now_ms: u64,
+        on_added: impl FnOnce(),
+    ) -> Result<(), AmqpError> {
+        {
+            let mut st = self.state.lock();
+            if st.consumers.iter().any(|c| c.exclusive) {
+                return Err(AmqpError::access_refused(format!(
+                    "queue '{}' in vhost '/' has an exclusive consumer",
+                    self.name
+                )));
+            }
+            if consumer.exclusive && !st.consumers.is_empty() {
+                return Err(AmqpError::access_refused(format!(
+                    "cannot obtain exclusive access to queue '{}' in vhost '/': it has consumers",
+                    self.name
+                )));
+            }
+            st.consumers.push(consumer);
+            st.had_consumers = true;
+            st.last_used_ms = now_ms;
+            on_added();
+        }
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Removes a consumer. Returns true if the queue is auto-delete and now has none left.
+    pub fn remove_consumer(&self, consumer: &Arc<Consumer>, now_ms: u64) -> bool {
+        let mut st = self.state.lock();
+        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        st.last_used_ms = now_ms;
+        if st.next_consumer >= st.consumers.len() {
+            st.next_consumer = 0;
+        }
+        self.auto_delete && st.had_consumers && st.consumers.is_empty()
+    }
+
+    /// Marks the queue used (declare, for `x-expires`).
+    pub fn touch(&self, now_ms: u64) {
+        self.state.lock().last_used_ms = now_ms;
+    }
+
+    /// queue.purge: drops the ready messages; returns how many.
+    pub fn purge(&self) -> u32 {
+        let mut st = self.state.lock();
+        let all = st.ready.drain();
+        st.ready_bytes = 0;
+        for e in &all {
+            self.record_dequeue(&mut st, e, DequeueReason::Purged);
+        }
+        all.len() as u32
+    }
+
+    /// Marks the queue deleted, drops its messages and returns its consumers (to cancel) and
+    /// how many messages it held.
+    pub fn mark_deleted(&self) -> (Vec<Arc<Consumer>>, u32) {
+        self.deleted.store(true, Ordering::Release);
+        let mut st = self.state.lock();
+        let all = st.ready.drain();
+        st.ready_bytes = 0;
+        for e in &all {
+            self.record_dequeue(&mut st, e, DequeueReason::Deleted);
+        }
+        (std::mem::take(&mut st.consumers), all.len() as u32)
+    }
+
+    fn handle_leftovers(&self, left: Leftovers) {
+        if left.dead.is_empty() {
+            return;
+        }
+        if let Some(b) = self.broker.upgrade() {
+            b.dead_letter(self, left.dead);
+        }
+    }
+}
+
+impl QueueState {
+    /// Ready messages.
+    pub fn message_count(&self) -> u32 {
+        self.ready.len as u32
+    }
+    /// Bytes of ready message bodies.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
+    }
+    /// Deliveries not yet acknowledged.
+    pub fn unacked_count(&self) -> u64 {
+        self.unacked_count
+    }
+    /// Consumers.
+    pub fn consumer_count(&self) -> u32 {
+        self.consumers.len() as u32
+    }
+    /// The highest id given so far (0 if none).
+    pub fn last_id(&self) -> u64 {
+        self.next_id - 1
+    }
+}
+
+/// Writes basic.deliver (consumer) or basic.get-ok (no consumer) with the content.
+fn write_delivery(
+    link: &ChannelLink,
+    consumer_tag: Option<&str>,
+    tag: u64,
+    entry: &QueuedMessage,
+    message_count: u32,
+) {
+    let m = &entry.message;
+    link.out.write(|out| {
+        out.reserve(hot::delivery_size_hint(
+            consumer_tag.unwrap_or(""),
+            m.exchange(),
+            m.routing_key(),
+            m.raw_properties(),
+            m.body().len(),
+            link.frame_max,
+        ));
+        match consumer_tag {
+            Some(ct) => hot::write_deliver(
+                out,
+                link.channel,
+                ct,
+                tag,
+                entry.redelivered,
+                m.exchange(),
+                m.routing_key(),
+            ),
+            None => hot::write_get_ok(
+                out,
+                link.channel,
+                tag,
+                entry.redelivered,
+                m.exchange(),
+                m.routing_key(),
+                message_count,
+            ),
+        }
+        hot::write_content(out, link.channel, m.raw_properties(), m.body(), link.frame_max);
+    });
+}
+
+/// The last-value key's header value, as bytes of its text or integer form.
+fn last_value_of(m: &Message, key: &str) -> Option<Vec<u8>> {
+    let headers = fields::decode_table(m.summary().headers?)?;
+    let v = fields::get(&headers, key)?;
+    if let Some(s) = fields::as_str(v) {
+        return Some(s.as_bytes().to_vec());
+    }
+    fields::as_i64(v).map(|i| i.to_string().into_bytes())
+}
