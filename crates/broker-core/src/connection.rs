@@ -21,7 +21,7 @@ use crate::protocol::frame::Frame;
 use crate::protocol::hot::{self, method_ids};
 use crate::protocol::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, PROTOCOL_HEADER, basic_method,
-    class,
+    class, is_known_method,
 };
 
 /// Where the connection is in its life.
@@ -201,7 +201,7 @@ impl Connection {
     // ---- channel 0 --------------------------------------------------------------------------
 
     fn connection_method(&mut self, payload: &[u8]) -> Result<Next, Failure> {
-        let method = match parse_method(payload).map_err(decode_failure)? {
+        let method = match parse_control(payload)? {
             AMQPClass::Connection(m) => m,
             other => {
                 return Err(hard(AmqpError::command_invalid(format!(
@@ -361,7 +361,7 @@ impl Connection {
             }
             (class::CHANNEL, 41) => Ok(()),
             _ => {
-                let method = parse_method(payload).map_err(decode_failure)?;
+                let method = parse_control(payload)?;
                 channel.handle_method(&ctx, method).map_err(soft)
             }
         }
@@ -521,9 +521,20 @@ fn hard(e: AmqpError) -> Failure {
     Failure::Connection(e)
 }
 
-fn decode_failure(e: ControlDecodeError) -> Failure {
-    match e {
-        ControlDecodeError::Malformed => hard(AmqpError::syntax_error("malformed method arguments, or an unknown method")),
-        ControlDecodeError::Decode(d) => hard(AmqpError::syntax_error(d.to_string())),
-    }
+/// Parses a control method, telling an unknown method (540) from a malformed one (502).
+fn parse_control(payload: &[u8]) -> Result<AMQPClass, Failure> {
+    parse_method(payload).map_err(|e| {
+        let (class_id, method_id) = method_ids(payload).map_or((0, 0), |(c, m, _)| (c, m));
+        if !is_known_method(class_id, method_id) {
+            return hard(AmqpError::not_implemented(format!("unknown method {class_id}.{method_id}")));
+        }
+        match e {
+            ControlDecodeError::Malformed => {
+                hard(AmqpError::syntax_error(format!("malformed arguments for method {class_id}.{method_id}")))
+            }
+            ControlDecodeError::Decode(d) => {
+                hard(AmqpError::syntax_error(format!("method {class_id}.{method_id}: {d}")))
+            }
+        }
+    })
 }

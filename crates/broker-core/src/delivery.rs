@@ -40,6 +40,8 @@ pub struct Outbound {
 struct OutboundBuf {
     bytes: Vec<u8>,
     closing: bool,
+    /// The socket is gone: appended bytes are dropped instead of piling up.
+    dead: bool,
 }
 
 impl Outbound {
@@ -49,6 +51,10 @@ impl Outbound {
         let before = b.bytes.len();
         let r = write(&mut b.bytes);
         let added = b.bytes.len() - before;
+        if b.dead {
+            b.bytes.clear();
+            return r;
+        }
         drop(b);
         if added > 0 {
             self.pending_bytes.fetch_add(added, Ordering::Relaxed);
@@ -64,6 +70,13 @@ impl Outbound {
     pub fn close(&self) {
         self.buf.lock().closing = true;
         self.notify.notify_one();
+    }
+
+    /// The writer could not write: from now on appended bytes are discarded.
+    pub fn mark_dead(&self) {
+        let mut b = self.buf.lock();
+        b.dead = true;
+        b.bytes.clear();
     }
 
     /// Swaps the queued bytes into `spare` (which must be empty). Returns true if a close was

@@ -468,6 +468,7 @@ impl Queue {
             for e in entries {
                 st.unacked_count -= 1;
                 if self.is_deleted() {
+                    self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
                     continue;
                 }
                 self.record_dequeue(&mut st, &e, reason);
@@ -488,6 +489,7 @@ impl Queue {
             for mut e in entries {
                 st.unacked_count -= 1;
                 if self.is_deleted() {
+                    self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
                     continue;
                 }
                 e.redelivered = true;
@@ -655,4 +657,190 @@ fn last_value_of(m: &Message, key: &str) -> Option<Vec<u8>> {
         return Some(s.as_bytes().to_vec());
     }
     fields::as_i64(v).map(|i| i.to_string().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::UserDb;
+    use crate::broker::QueueDeclare;
+    use crate::config::BrokerConfig;
+    use crate::delivery::Outbound;
+    use crate::protocol::frame::split_frame;
+    use amq_protocol::types::AMQPValue;
+
+    fn broker() -> Arc<Broker> {
+        Broker::new(BrokerConfig::default(), UserDb::default())
+    }
+
+    fn queue(b: &Arc<Broker>, args: &[(&str, AMQPValue)]) -> Arc<Queue> {
+        let mut arguments = FieldTable::default();
+        for (k, v) in args {
+            arguments.insert((*k).into(), v.clone());
+        }
+        let d = QueueDeclare { name: "q".into(), arguments, ..Default::default() };
+        b.declare_queue(1, &d).unwrap().queue
+    }
+
+    fn msg(body: &str, priority: Option<u8>) -> Message {
+        let props: Vec<u8> = match priority {
+            Some(p) => vec![0x08, 0x00, p],
+            None => vec![0, 0],
+        };
+        Message::new("", "q", &props, body.as_bytes()).unwrap()
+    }
+
+    fn link(prefetch_global: u32) -> (Arc<ChannelLink>, Arc<Outbound>) {
+        let out = Arc::new(Outbound::default());
+        let link = Arc::new(ChannelLink::new(1, 1, out.clone(), 131_072, true, 65_536));
+        link.lock().global_prefetch = prefetch_global;
+        (link, out)
+    }
+
+    /// The bodies of the deliveries written to `out`, in order.
+    fn delivered(out: &Outbound) -> Vec<String> {
+        let mut bytes = Vec::new();
+        out.take(&mut bytes);
+        let mut bodies = Vec::new();
+        let mut at = 0;
+        while let Ok(Some((f, n))) = split_frame(&bytes[at..], 0) {
+            if f.frame_type == crate::protocol::FRAME_BODY {
+                bodies.push(String::from_utf8(f.payload.to_vec()).unwrap());
+            }
+            at += n;
+        }
+        bodies
+    }
+
+    fn bodies_by_get(b: &Arc<Broker>, q: &Arc<Queue>) -> Vec<String> {
+        let (l, out) = link(0);
+        while q.get(&l, true, b.now_ms()) {}
+        delivered(&out)
+    }
+
+    #[test]
+    fn higher_priority_first_and_fifo_within_a_level() {
+        let b = broker();
+        let q = queue(&b, &[("x-max-priority", AMQPValue::LongInt(5))]);
+        for (body, p) in [("a", 1), ("b", 5), ("c", 1), ("d", 9), ("e", 0)] {
+            q.enqueue(msg(body, Some(p)), 0);
+        }
+        // 9 counts as the maximum, 5.
+        assert_eq!(bodies_by_get(&b, &q), ["b", "d", "a", "c", "e"]);
+    }
+
+    #[test]
+    fn requeued_messages_return_to_their_place() {
+        let b = broker();
+        let q = queue(&b, &[]);
+        for body in ["a", "b", "c"] {
+            q.enqueue(msg(body, None), 0);
+        }
+        let (l, out) = link(0);
+        assert!(q.get(&l, false, 0));
+        assert!(q.get(&l, false, 0));
+        assert_eq!(delivered(&out), ["a", "b"]);
+        let mut settled = Vec::new();
+        l.lock().settle(0, true, &mut settled).unwrap();
+        q.requeue(settled.into_iter().map(|u| u.entry).collect());
+        assert_eq!(bodies_by_get(&b, &q), ["a", "b", "c"]);
+        assert_eq!(q.lock().unacked_count(), 0);
+    }
+
+    #[test]
+    fn drop_head_keeps_the_newest() {
+        let b = broker();
+        let q = queue(&b, &[("x-max-length", AMQPValue::LongInt(2))]);
+        for body in ["a", "b", "c"] {
+            assert_eq!(q.enqueue(msg(body, None), 0), EnqueueOutcome::Accepted);
+        }
+        assert_eq!(bodies_by_get(&b, &q), ["b", "c"]);
+    }
+
+    #[test]
+    fn reject_publish_refuses_at_the_limit() {
+        let b = broker();
+        let q = queue(&b, &[("qpid.max_count", AMQPValue::LongInt(2))]);
+        assert_eq!(q.enqueue(msg("a", None), 0), EnqueueOutcome::Accepted);
+        assert_eq!(q.enqueue(msg("b", None), 0), EnqueueOutcome::Accepted);
+        assert_eq!(q.enqueue(msg("c", None), 0), EnqueueOutcome::Rejected);
+        assert_eq!(bodies_by_get(&b, &q), ["a", "b"]);
+    }
+
+    #[test]
+    fn last_value_replaces_by_key() {
+        let b = broker();
+        let q = queue(&b, &[("qpid.last_value_queue_key", AMQPValue::LongString("k".into()))]);
+        let with_key = |body: &str, k: &str| {
+            let mut t = FieldTable::default();
+            t.insert("k".into(), AMQPValue::LongString(k.into()));
+            let props = amq_protocol::protocol::BasicProperties::default().with_headers(t);
+            let ctx = amq_protocol::protocol::basic::gen_properties(&props)(
+                amq_protocol::frame::WriteContext::from(Vec::new()),
+            )
+            .unwrap();
+            Message::new("", "q", &ctx.into_inner().0, body.as_bytes()).unwrap()
+        };
+        q.enqueue(with_key("a1", "a"), 0);
+        q.enqueue(with_key("b1", "b"), 0);
+        q.enqueue(with_key("a2", "a"), 0);
+        assert_eq!(bodies_by_get(&b, &q), ["b1", "a2"]);
+        assert_eq!(q.lock().dequeued_total, 3);
+    }
+
+    #[test]
+    fn ttl_expires_at_the_head_and_zero_means_now_or_never() {
+        let b = broker();
+        let q = queue(&b, &[("x-message-ttl", AMQPValue::LongInt(100))]);
+        q.enqueue(msg("a", None), 1000);
+        assert!(!q.sweep(1099));
+        assert_eq!(q.lock().message_count(), 1);
+        q.sweep(1100);
+        assert_eq!(q.lock().message_count(), 0);
+        let q0 = {
+            let mut a = FieldTable::default();
+            a.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+            let d = QueueDeclare { name: "q0".into(), arguments: a, ..Default::default() };
+            b.declare_queue(1, &d).unwrap().queue
+        };
+        q0.enqueue(msg("gone", None), 5);
+        assert_eq!(q0.lock().message_count(), 0);
+    }
+
+    #[test]
+    fn prefetch_limits_deliveries_and_acks_release_more() {
+        let b = broker();
+        let q = queue(&b, &[]);
+        let (l, out) = link(0);
+        let c = Arc::new(Consumer::new("c".into(), l.clone(), q.clone(), false, false, 2, FieldTable::default()));
+        q.add_consumer(c, 0, || {}).unwrap();
+        for body in ["a", "b", "c", "d"] {
+            q.enqueue(msg(body, None), 0);
+        }
+        assert_eq!(delivered(&out), ["a", "b"]);
+        let mut settled = Vec::new();
+        l.lock().settle(1, false, &mut settled).unwrap();
+        q.settle(settled.into_iter().map(|u| u.entry).collect(), DequeueReason::Consumed);
+        q.dispatch();
+        assert_eq!(delivered(&out), ["c"]);
+        assert_eq!(q.lock().message_count(), 1);
+    }
+
+    #[test]
+    fn memory_accounting_returns_to_zero() {
+        let b = broker();
+        let q = queue(&b, &[]);
+        for body in ["a", "b", "c"] {
+            q.enqueue(msg(body, None), 0);
+        }
+        assert!(b.message_memory_bytes() > 0);
+        let (l, _out) = link(0);
+        assert!(q.get(&l, false, 0));
+        q.purge();
+        assert!(b.message_memory_bytes() > 0, "the unacked message still counts");
+        let mut settled = Vec::new();
+        l.lock().settle(1, false, &mut settled).unwrap();
+        q.settle(settled.into_iter().map(|u| u.entry).collect(), DequeueReason::Consumed);
+        assert_eq!(b.message_memory_bytes(), 0);
+    }
 }

@@ -226,6 +226,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Arc<Outbound>, heartbeat: Arc<A
         let closing = out.take(&mut buf);
         if !buf.is_empty() {
             if wr.write_all(&buf).await.is_err() {
+                out.mark_dead();
                 break;
             }
             out.written(buf.len());

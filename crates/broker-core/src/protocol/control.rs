@@ -10,8 +10,10 @@ use super::hot::DecodeError;
 /// Trailing bytes are refused: `parse_class` itself does not check them.
 pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, ControlDecodeError> {
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => Ok(class),
-        Ok((rest, _)) => Err(ControlDecodeError::Decode(DecodeError::TrailingBytes { extra: rest.len() })),
+        Ok((rest, _)) if !rest.is_empty() => {
+            Err(ControlDecodeError::Decode(DecodeError::TrailingBytes { extra: rest.len() }))
+        }
+        Ok((_, class)) => Ok(class),
         Err(_) => Err(ControlDecodeError::Malformed),
     }
 }

@@ -31,6 +31,12 @@ pub enum DecodeError {
         /// How many.
         extra: usize,
     },
+    /// A field's value is not well formed.
+    #[error("field {field} is malformed")]
+    Malformed {
+        /// The field being read.
+        field: &'static str,
+    },
     /// The content header is not for the basic class, or uses continuation flags.
     #[error("content header for class {class_id} with flags {flags:#06x} is not supported")]
     BadContentHeader {
@@ -271,7 +277,9 @@ pub fn summarize_properties(raw: &[u8]) -> Result<PropertySummary<'_>, DecodeErr
         r.short_str("content-encoding")?;
     }
     if flags & flag::HEADERS != 0 {
-        s.headers = Some(r.long_bytes("headers")?);
+        let table = r.long_bytes("headers")?;
+        check_field_table(table, 0)?;
+        s.headers = Some(table);
     }
     if flags & flag::DELIVERY_MODE != 0 {
         s.delivery_mode = Some(r.u8("delivery-mode")?);
@@ -308,6 +316,48 @@ pub fn summarize_properties(raw: &[u8]) -> Result<PropertySummary<'_>, DecodeErr
     }
     r.finish()?;
     Ok(s)
+}
+
+/// How deeply tables and arrays may nest in a headers table.
+pub const FIELD_TABLE_DEPTH_MAX: usize = 32;
+
+/// Checks that `table` (without its length prefix) is a well-formed field table, so that
+/// properties forwarded verbatim can be parsed by every consumer. Allocates nothing.
+pub fn check_field_table(table: &[u8], depth: usize) -> Result<(), DecodeError> {
+    if depth > FIELD_TABLE_DEPTH_MAX {
+        return Err(DecodeError::Malformed { field: "headers (nested too deeply)" });
+    }
+    let mut r = Reader::new(table);
+    while !r.rest().is_empty() {
+        r.short_str("headers")?;
+        check_field_value(&mut r, depth)?;
+    }
+    Ok(())
+}
+
+fn check_field_value(r: &mut Reader<'_>, depth: usize) -> Result<(), DecodeError> {
+    const F: &str = "headers";
+    match r.u8(F)? {
+        b't' | b'b' | b'B' => r.take(1, F).map(drop),
+        b's' | b'U' | b'u' => r.take(2, F).map(drop),
+        b'I' | b'i' | b'f' => r.take(4, F).map(drop),
+        b'L' | b'l' | b'd' | b'T' => r.take(8, F).map(drop),
+        b'D' => r.take(5, F).map(drop),
+        b'S' | b'x' => r.long_bytes(F).map(drop),
+        b'V' => Ok(()),
+        b'F' => check_field_table(r.long_bytes(F)?, depth + 1),
+        b'A' => {
+            let mut items = Reader::new(r.long_bytes(F)?);
+            while !items.rest().is_empty() {
+                if depth + 1 > FIELD_TABLE_DEPTH_MAX {
+                    return Err(DecodeError::Malformed { field: "headers (nested too deeply)" });
+                }
+                check_field_value(&mut items, depth + 1)?;
+            }
+            Ok(())
+        }
+        _ => Err(DecodeError::Malformed { field: "headers (unknown field type)" }),
+    }
 }
 
 /// Writes a method frame whose arguments `args` writes, patching the size afterwards.
@@ -443,7 +493,7 @@ pub fn delivery_size_hint(
 ) -> usize {
     let method = 8 + 4 + 1 + consumer_tag.len() + 8 + 1 + 1 + exchange.len() + 1 + routing_key.len();
     let header = 8 + 12 + raw_properties.len();
-    let frames = body_len.div_ceil(max_body_per_frame(frame_max)).max(0);
+    let frames = body_len.div_ceil(max_body_per_frame(frame_max));
     method + header + body_len + frames * FRAME_OVERHEAD
 }
 

@@ -106,3 +106,21 @@ pub mod reply {
     /// Hard: an internal error.
     pub const INTERNAL_ERROR: u16 = 541;
 }
+
+/// True if `(class_id, method_id)` names a method of AMQP 0-9-1 (with RabbitMQ's extensions).
+/// A payload that fails to parse is a syntax error (502) for a known method and "not
+/// implemented" (540) for an unknown one.
+pub fn is_known_method(class_id: u16, method_id: u16) -> bool {
+    let methods: &[u16] = match class_id {
+        10 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61],
+        20 => &[10, 11, 20, 21, 40, 41],
+        30 => &[10, 11],
+        40 => &[10, 11, 20, 21, 30, 31, 40, 51],
+        50 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51],
+        60 => &[10, 11, 20, 21, 30, 31, 40, 50, 60, 70, 71, 72, 80, 90, 100, 110, 111, 120],
+        85 => &[10, 11],
+        90 => &[10, 11, 20, 21, 30, 31],
+        _ => &[],
+    };
+    methods.contains(&method_id)
+}
