@@ -93,7 +93,11 @@ impl Tag {
     /// empty string is no tags). An unknown name is an error that lists the valid ones.
     pub fn parse_list(list: &str) -> Result<Vec<Tag>, AuthError> {
         let mut tags = Vec::new();
-        for name in list.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+        for name in list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+        {
             let tag = name.parse::<Tag>()?;
             if !tags.contains(&tag) {
                 tags.push(tag);
@@ -110,9 +114,7 @@ impl FromStr for Tag {
         Tag::ALL
             .into_iter()
             .find(|tag| tag.as_str() == name)
-            .ok_or_else(|| AuthError::UnknownTag {
-                tag: echo(name),
-            })
+            .ok_or_else(|| AuthError::UnknownTag { tag: echo(name) })
     }
 }
 
@@ -162,7 +164,9 @@ pub enum AuthError {
         peer: IpAddr,
     },
     /// A PLAIN authorization identity other than the user itself.
-    #[error("PLAIN authorization identity '{authzid}' refused: acting as another user is not supported")]
+    #[error(
+        "PLAIN authorization identity '{authzid}' refused: acting as another user is not supported"
+    )]
     AuthzidRefused {
         /// The identity the client asked to act as (cut to 64 bytes).
         authzid: String,
@@ -447,10 +451,7 @@ impl<'a> Reader<'a> {
             b'D' => 5,
             b'l' | b'L' | b'd' | b'T' => 8,
             b'S' | b'x' | b'A' | b'F' => {
-                return self
-                    .long_bytes()
-                    .map(drop)
-                    .ok_or("truncated field value");
+                return self.long_bytes().map(drop).ok_or("truncated field value");
             }
             _ => return Err("unknown field value type"),
         };
@@ -798,10 +799,16 @@ mod tests {
         let db = UserDb::with_default_guest();
         assert_eq!(
             db.list(),
-            vec![("guest".to_owned(), vec!["admin".to_owned(), "ha".to_owned()])]
+            vec![(
+                "guest".to_owned(),
+                vec!["admin".to_owned(), "ha".to_owned()]
+            )]
         );
         assert_eq!(db.records()[0].1.hash.iterations, PBKDF2_ITERATIONS);
-        assert_eq!(db.verify("guest", "guest"), Some(Principal::trusted("guest")));
+        assert_eq!(
+            db.verify("guest", "guest"),
+            Some(Principal::trusted("guest"))
+        );
     }
 
     #[test]
@@ -824,15 +831,24 @@ mod tests {
         assert_eq!(db.verify("alice", "secret"), None);
         assert!(db.verify("alice", "new secret").is_some());
         db.set_tags("bob", &[Tag::Ha]).unwrap();
-        assert_eq!(db.verify("bob", "hunter2").map(|p| (p.admin, p.ha)), Some((false, true)));
+        assert_eq!(
+            db.verify("bob", "hunter2").map(|p| (p.admin, p.ha)),
+            Some((false, true))
+        );
         db.delete_user("bob").unwrap();
         assert_eq!(db.verify("bob", "hunter2"), None);
-        assert_eq!(db.delete_user("bob"), Err(AuthError::NoSuchUser("bob".into())));
+        assert_eq!(
+            db.delete_user("bob"),
+            Err(AuthError::NoSuchUser("bob".into()))
+        );
         assert_eq!(
             db.set_password("bob", "x"),
             Err(AuthError::NoSuchUser("bob".into()))
         );
-        assert_eq!(db.set_tags("bob", &[]), Err(AuthError::NoSuchUser("bob".into())));
+        assert_eq!(
+            db.set_tags("bob", &[]),
+            Err(AuthError::NoSuchUser("bob".into()))
+        );
         let names: Vec<String> = db.list().into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["alice", "guest"]);
     }
@@ -877,10 +893,16 @@ mod tests {
     #[test]
     fn tags_parse_and_unknown_tags_list_the_valid_ones() {
         assert_eq!(Tag::parse_list("admin,ha"), Ok(vec![Tag::Admin, Tag::Ha]));
-        assert_eq!(Tag::parse_list(" ha , admin,ha"), Ok(vec![Tag::Ha, Tag::Admin]));
+        assert_eq!(
+            Tag::parse_list(" ha , admin,ha"),
+            Ok(vec![Tag::Ha, Tag::Admin])
+        );
         assert_eq!(Tag::parse_list(""), Ok(vec![]));
         let error = Tag::parse_list("admin,root").unwrap_err();
-        assert_eq!(error.to_string(), "unknown tag 'root'; valid tags are: admin, ha");
+        assert_eq!(
+            error.to_string(),
+            "unknown tag 'root'; valid tags are: admin, ha"
+        );
         let listed: Vec<&str> = Tag::ALL.iter().map(|tag| tag.as_str()).collect();
         assert!(error.to_string().ends_with(&listed.join(", ")));
     }
@@ -940,7 +962,10 @@ mod tests {
             user: "guest".into(),
             password: "pa\0ss".into(),
         });
-        assert_eq!(parse_sasl_response("AMQPLAIN", &amqplain("guest", "pa\0ss")), expected);
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", &amqplain("guest", "pa\0ss")),
+            expected
+        );
 
         // Short strings, the other order, and unrelated entries (a nested table, an int).
         let mut table = long_string_entry("PASSWORD", b's', b"pa\0ss");
@@ -992,7 +1017,9 @@ mod tests {
         let mut unknown_type = full.clone();
         unknown_type.extend([1, b'k', b'?', 0]);
         cases.push(unknown_type);
-        let mut huge_length = vec![5, b'L', b'O', b'G', b'I', b'N', b'S', 0xff, 0xff, 0xff, 0xff];
+        let mut huge_length = vec![
+            5, b'L', b'O', b'G', b'I', b'N', b'S', 0xff, 0xff, 0xff, 0xff,
+        ];
         huge_length.extend_from_slice(b"guest");
         cases.push(huge_length);
         let mut huge_skip = full.clone();
@@ -1024,7 +1051,10 @@ mod tests {
 
     #[test]
     fn anonymous_ignores_its_trace_text() {
-        assert_eq!(parse_sasl_response("ANONYMOUS", b""), Ok(Credentials::Anonymous));
+        assert_eq!(
+            parse_sasl_response("ANONYMOUS", b""),
+            Ok(Credentials::Anonymous)
+        );
         assert_eq!(
             parse_sasl_response("ANONYMOUS", b"\xff\0trace"),
             Ok(Credentials::Anonymous)
@@ -1035,7 +1065,10 @@ mod tests {
     fn credentials_debug_hides_the_password() {
         let credentials = parse_sasl_response("PLAIN", b"\0alice\0hunter2").unwrap();
         let shown = format!("{credentials:?}");
-        assert!(shown.contains("alice") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("alice") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1066,7 +1099,10 @@ mod tests {
         }
         assert!(matches!(
             authenticate(&db, false, "CRAM-MD5", b"", loopback()),
-            Err(AuthError::UnsupportedMechanism { offered: "PLAIN AMQPLAIN ANONYMOUS", .. })
+            Err(AuthError::UnsupportedMechanism {
+                offered: "PLAIN AMQPLAIN ANONYMOUS",
+                ..
+            })
         ));
         assert!(matches!(
             authenticate(&db, false, "PLAIN", b"no nul", loopback()),
@@ -1105,8 +1141,18 @@ mod tests {
         let db = test_db();
         let wrong_password = authenticate(&db, true, "PLAIN", &plain("alice", "nope"), remote());
         let unknown_user = authenticate(&db, true, "PLAIN", &plain("mallory", "nope"), remote());
-        assert_eq!(wrong_password, Err(AuthError::LoginRefused { user: "alice".into() }));
-        assert_eq!(unknown_user, Err(AuthError::LoginRefused { user: "mallory".into() }));
+        assert_eq!(
+            wrong_password,
+            Err(AuthError::LoginRefused {
+                user: "alice".into()
+            })
+        );
+        assert_eq!(
+            unknown_user,
+            Err(AuthError::LoginRefused {
+                user: "mallory".into()
+            })
+        );
         let text = |result: Result<Principal, AuthError>| result.unwrap_err().to_string();
         assert_eq!(
             text(wrong_password).replace("alice", "X"),
@@ -1114,7 +1160,9 @@ mod tests {
         );
         assert_eq!(
             authenticate(&db, true, "PLAIN", &plain("", ""), remote()),
-            Err(AuthError::LoginRefused { user: String::new() })
+            Err(AuthError::LoginRefused {
+                user: String::new()
+            })
         );
         assert_eq!(
             authenticate(&db, true, "ANONYMOUS", b"", loopback()),
@@ -1129,7 +1177,9 @@ mod tests {
         );
         assert_eq!(
             authenticate(&db, true, "PLAIN", b"bob\0alice\0secret", loopback()),
-            Err(AuthError::AuthzidRefused { authzid: "bob".into() })
+            Err(AuthError::AuthzidRefused {
+                authzid: "bob".into()
+            })
         );
         assert!(matches!(
             authenticate(&db, true, "AMQPLAIN", b"\x05LOG", loopback()),
@@ -1140,7 +1190,12 @@ mod tests {
     #[test]
     fn guest_only_from_loopback_with_auth_on() {
         let db = test_db();
-        for peer in ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+        for peer in [
+            "127.0.0.1:1",
+            "127.9.9.9:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             let peer: SocketAddr = peer.parse().unwrap();
             assert_eq!(
                 authenticate(&db, true, "PLAIN", &plain("guest", "guest"), peer),
@@ -1158,7 +1213,9 @@ mod tests {
         // The loopback rule says nothing about the password: it is refused either way.
         assert_eq!(
             authenticate(&db, true, "PLAIN", &plain("guest", "wrong"), remote()),
-            Err(AuthError::GuestNotLoopback { peer: remote().ip() })
+            Err(AuthError::GuestNotLoopback {
+                peer: remote().ip()
+            })
         );
     }
 
@@ -1179,7 +1236,9 @@ mod tests {
             assert!(text.len() <= 255, "{} bytes: {text}", text.len());
             assert!(!text.contains('\n'), "{text}");
         }
-        let ipv6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1".parse().unwrap();
+        let ipv6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1"
+            .parse()
+            .unwrap();
         let error = authenticate(&db, true, "PLAIN", &plain("guest", "guest"), ipv6).unwrap_err();
         assert!(error.to_string().len() <= 255);
         for name in ["", ":", &huge] {

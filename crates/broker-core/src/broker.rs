@@ -107,7 +107,14 @@ impl Broker {
         Arc::new_cyclic(|me| {
             let mut exchanges = HashMap::new();
             for (name, kind) in PREDECLARED {
-                let e = Exchange::new(name.to_string(), *kind, true, false, false, FieldTable::default());
+                let e = Exchange::new(
+                    name.to_string(),
+                    *kind,
+                    true,
+                    false,
+                    false,
+                    FieldTable::default(),
+                );
                 exchanges.insert(name.to_string(), Arc::new(e));
             }
             Broker {
@@ -142,7 +149,9 @@ impl Broker {
     /// Counts `n` more bytes of queued messages.
     pub fn memory_add(&self, n: u64) {
         let now = self.message_memory_bytes.fetch_add(n, Ordering::Relaxed) + n;
-        if now > self.config.memory_high_watermark_bytes && !self.memory_alarm_on.load(Ordering::Relaxed) {
+        if now > self.config.memory_high_watermark_bytes
+            && !self.memory_alarm_on.load(Ordering::Relaxed)
+        {
             self.set_alarm(true);
         }
     }
@@ -150,7 +159,9 @@ impl Broker {
     /// Counts `n` fewer bytes of queued messages.
     pub fn memory_sub(&self, n: u64) {
         let now = self.message_memory_bytes.fetch_sub(n, Ordering::Relaxed) - n;
-        if now <= self.config.memory_high_watermark_bytes && self.memory_alarm_on.load(Ordering::Relaxed) {
+        if now <= self.config.memory_high_watermark_bytes
+            && self.memory_alarm_on.load(Ordering::Relaxed)
+        {
             self.set_alarm(false);
         }
     }
@@ -196,7 +207,10 @@ impl Broker {
     /// exchange.declare.
     pub fn declare_exchange(&self, d: &ExchangeDeclare) -> Result<(), AmqpError> {
         if d.passive {
-            return self.exchange(&d.name).map(|_| ()).ok_or_else(|| no_exchange(&d.name));
+            return self
+                .exchange(&d.name)
+                .map(|_| ())
+                .ok_or_else(|| no_exchange(&d.name));
         }
         let Some(kind) = ExchangeKind::parse(&d.kind) else {
             return Err(AmqpError::command_invalid(format!(
@@ -220,7 +234,14 @@ impl Broker {
                 d.name, self.config.max_exchanges
             )));
         }
-        let e = Exchange::new(d.name.clone(), kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+        let e = Exchange::new(
+            d.name.clone(),
+            kind,
+            d.durable,
+            d.auto_delete,
+            d.internal,
+            d.arguments.clone(),
+        );
         all.insert(d.name.clone(), Arc::new(e));
         tracing::debug!(target: "Model", "exchange '{}' ({}) declared", d.name, kind.name());
         Ok(())
@@ -234,9 +255,13 @@ impl Broker {
             )));
         }
         let mut all = self.exchanges.write();
-        let Some(e) = all.get(name) else { return Ok(()) };
+        let Some(e) = all.get(name) else {
+            return Ok(());
+        };
         if if_unused && e.binding_count() > 0 {
-            return Err(AmqpError::precondition_failed(format!("exchange '{name}' in vhost '/' in use")));
+            return Err(AmqpError::precondition_failed(format!(
+                "exchange '{name}' in vhost '/' in use"
+            )));
         }
         all.remove(name);
         tracing::debug!(target: "Model", "exchange '{name}' deleted");
@@ -263,13 +288,21 @@ impl Broker {
     }
 
     /// queue.declare.
-    pub fn declare_queue(&self, connection_id: u64, d: &QueueDeclare) -> Result<DeclaredQueue, AmqpError> {
+    pub fn declare_queue(
+        &self,
+        connection_id: u64,
+        d: &QueueDeclare,
+    ) -> Result<DeclaredQueue, AmqpError> {
         let now = self.now_ms();
         if d.passive {
             let q = self.queue_for(connection_id, &d.name)?;
             return Ok(declared(q));
         }
-        let name = if d.name.is_empty() { server_generated_name("amq.gen-") } else { d.name.clone() };
+        let name = if d.name.is_empty() {
+            server_generated_name("amq.gen-")
+        } else {
+            d.name.clone()
+        };
         let mut all = self.queues.write();
         if let Some(q) = all.get(&name) {
             check_exclusive(q, connection_id)?;
@@ -318,15 +351,21 @@ impl Broker {
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u32, AmqpError> {
-        let Some(q) = self.queue(name) else { return Ok(0) };
+        let Some(q) = self.queue(name) else {
+            return Ok(0);
+        };
         check_exclusive(&q, connection_id)?;
         {
             let st = q.lock();
             if if_unused && st.consumer_count() > 0 {
-                return Err(AmqpError::precondition_failed(format!("queue '{name}' in vhost '/' in use")));
+                return Err(AmqpError::precondition_failed(format!(
+                    "queue '{name}' in vhost '/' in use"
+                )));
             }
             if if_empty && st.message_count() > 0 {
-                return Err(AmqpError::precondition_failed(format!("queue '{name}' in vhost '/' is not empty")));
+                return Err(AmqpError::precondition_failed(format!(
+                    "queue '{name}' in vhost '/' is not empty"
+                )));
             }
         }
         Ok(self.remove_queue(&q))
@@ -374,10 +413,14 @@ impl Broker {
         arguments: &FieldTable,
     ) -> Result<(), AmqpError> {
         if exchange.is_empty() {
-            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let q = self.queue_for(connection_id, queue)?;
-        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        let e = self
+            .exchange(exchange)
+            .ok_or_else(|| no_exchange(exchange))?;
         e.bind(&q, key, arguments)?;
         Ok(())
     }
@@ -392,10 +435,14 @@ impl Broker {
         arguments: &FieldTable,
     ) -> Result<(), AmqpError> {
         if exchange.is_empty() {
-            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let q = self.queue_for(connection_id, queue)?;
-        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        let e = self
+            .exchange(exchange)
+            .ok_or_else(|| no_exchange(exchange))?;
         e.unbind(&q, key, arguments);
         if e.should_auto_delete() {
             let _ = self.delete_exchange(exchange, true);
@@ -424,7 +471,9 @@ impl Broker {
             }
             return Ok(());
         }
-        let e = self.exchange(exchange).ok_or_else(|| no_exchange(exchange))?;
+        let e = self
+            .exchange(exchange)
+            .ok_or_else(|| no_exchange(exchange))?;
         if e.internal {
             return Err(AmqpError::access_refused(format!(
                 "cannot publish to internal exchange '{exchange}' in vhost '/'"
@@ -436,7 +485,9 @@ impl Broker {
 
     /// Dead-letters messages that left `queue`, if it has a dead-letter exchange.
     pub fn dead_letter(&self, queue: &Queue, dead: Vec<(QueuedMessage, DequeueReason)>) {
-        let Some(dlx) = &queue.settings.dead_letter_exchange else { return };
+        let Some(dlx) = &queue.settings.dead_letter_exchange else {
+            return;
+        };
         let Some(exchange) = self.exchange(dlx) else {
             tracing::debug!(target: "Broker", "dead-letter exchange '{dlx}' of queue '{}' does not exist: dropping {} messages", queue.name, dead.len());
             return;
@@ -444,10 +495,18 @@ impl Broker {
         let now = self.now_ms();
         let mut targets = Vec::new();
         for (entry, reason) in dead {
-            let Some(reason_text) = reason.dead_letter_reason() else { continue };
+            let Some(reason_text) = reason.dead_letter_reason() else {
+                continue;
+            };
             let m = &entry.message;
-            let key = queue.settings.dead_letter_routing_key.as_deref().unwrap_or(m.routing_key());
-            let Some(dead_message) = with_x_death(m, &queue.name, reason_text, key) else { continue };
+            let key = queue
+                .settings
+                .dead_letter_routing_key
+                .as_deref()
+                .unwrap_or(m.routing_key());
+            let Some(dead_message) = with_x_death(m, &queue.name, reason_text, key) else {
+                continue;
+            };
             targets.clear();
             if exchange.name.is_empty() {
                 if let Some(q) = self.queue(key) {
@@ -502,7 +561,11 @@ fn declared(queue: Arc<Queue>) -> DeclaredQueue {
         let st = queue.lock();
         (st.message_count(), st.consumer_count())
     };
-    DeclaredQueue { queue, message_count, consumer_count }
+    DeclaredQueue {
+        queue,
+        message_count,
+        consumer_count,
+    }
 }
 
 fn no_queue(name: &str) -> AmqpError {
@@ -523,26 +586,55 @@ fn check_exclusive(q: &Queue, connection_id: u64) -> Result<(), AmqpError> {
     }
 }
 
-fn inequivalent(what: &str, arg: &str, name: &str, received: impl std::fmt::Display, current: impl std::fmt::Display) -> AmqpError {
+fn inequivalent(
+    what: &str,
+    arg: &str,
+    name: &str,
+    received: impl std::fmt::Display,
+    current: impl std::fmt::Display,
+) -> AmqpError {
     AmqpError::precondition_failed(format!(
         "inequivalent arg '{arg}' for {what} '{name}' in vhost '/': received '{received}' but current is '{current}'"
     ))
 }
 
-fn check_exchange_equivalent(e: &Exchange, kind: ExchangeKind, d: &ExchangeDeclare) -> Result<(), AmqpError> {
+fn check_exchange_equivalent(
+    e: &Exchange,
+    kind: ExchangeKind,
+    d: &ExchangeDeclare,
+) -> Result<(), AmqpError> {
     if e.kind != kind {
-        return Err(inequivalent("exchange", "type", &d.name, kind.name(), e.kind.name()));
+        return Err(inequivalent(
+            "exchange",
+            "type",
+            &d.name,
+            kind.name(),
+            e.kind.name(),
+        ));
     }
     if e.durable != d.durable {
-        return Err(inequivalent("exchange", "durable", &d.name, d.durable, e.durable));
+        return Err(inequivalent(
+            "exchange", "durable", &d.name, d.durable, e.durable,
+        ));
     }
     if e.auto_delete != d.auto_delete {
-        return Err(inequivalent("exchange", "auto_delete", &d.name, d.auto_delete, e.auto_delete));
+        return Err(inequivalent(
+            "exchange",
+            "auto_delete",
+            &d.name,
+            d.auto_delete,
+            e.auto_delete,
+        ));
     }
     if e.internal != d.internal {
-        return Err(inequivalent("exchange", "internal", &d.name, d.internal, e.internal));
+        return Err(inequivalent(
+            "exchange", "internal", &d.name, d.internal, e.internal,
+        ));
     }
-    if !e.name.is_empty() && !e.name.starts_with("amq.") && !fields::tables_equivalent(&e.arguments, &d.arguments) {
+    if !e.name.is_empty()
+        && !e.name.starts_with("amq.")
+        && !fields::tables_equivalent(&e.arguments, &d.arguments)
+    {
         return Err(AmqpError::precondition_failed(format!(
             "inequivalent arguments for exchange '{}' in vhost '/'",
             d.name
@@ -553,19 +645,37 @@ fn check_exchange_equivalent(e: &Exchange, kind: ExchangeKind, d: &ExchangeDecla
 
 fn check_queue_equivalent(q: &Queue, d: &QueueDeclare) -> Result<(), AmqpError> {
     if q.durable != d.durable {
-        return Err(inequivalent("queue", "durable", &q.name, d.durable, q.durable));
+        return Err(inequivalent(
+            "queue", "durable", &q.name, d.durable, q.durable,
+        ));
     }
     if q.exclusive_owner.is_some() != d.exclusive {
-        return Err(inequivalent("queue", "exclusive", &q.name, d.exclusive, q.exclusive_owner.is_some()));
+        return Err(inequivalent(
+            "queue",
+            "exclusive",
+            &q.name,
+            d.exclusive,
+            q.exclusive_owner.is_some(),
+        ));
     }
     if q.auto_delete != d.auto_delete {
-        return Err(inequivalent("queue", "auto_delete", &q.name, d.auto_delete, q.auto_delete));
+        return Err(inequivalent(
+            "queue",
+            "auto_delete",
+            &q.name,
+            d.auto_delete,
+            q.auto_delete,
+        ));
     }
     if !fields::tables_equivalent(&q.arguments, &d.arguments) {
         for (k, v) in q.arguments.inner().iter().chain(d.arguments.inner().iter()) {
-            let (a, b) = (q.arguments.inner().get(k.as_str()), d.arguments.inner().get(k.as_str()));
+            let (a, b) = (
+                q.arguments.inner().get(k.as_str()),
+                d.arguments.inner().get(k.as_str()),
+            );
             if !matches!((a, b), (Some(x), Some(y)) if fields::values_match(x, y)) {
-                let show = |v: Option<&AMQPValue>| v.map_or("none".to_string(), |v| format!("{v:?}"));
+                let show =
+                    |v: Option<&AMQPValue>| v.map_or("none".to_string(), |v| format!("{v:?}"));
                 let _ = v;
                 return Err(inequivalent("queue", k.as_str(), &q.name, show(b), show(a)));
             }
@@ -593,7 +703,9 @@ pub fn server_generated_name(prefix: &str) -> String {
 fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Option<Message> {
     let (_, mut props) = parse_properties(m.raw_properties()).ok()?;
     let mut headers = props.headers().clone().unwrap_or_default();
-    let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
         _ => Vec::new(),
@@ -602,11 +714,18 @@ fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Op
         fields::get(t, "queue").and_then(fields::as_str) == Some(queue)
             && fields::get(t, "reason").and_then(fields::as_str) == Some(reason)
     };
-    let existing = deaths.iter().position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)));
+    let existing = deaths
+        .iter()
+        .position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)));
     let entry = match existing {
         Some(i) => {
-            let AMQPValue::FieldTable(mut t) = deaths.remove(i) else { return None };
-            let count = fields::get(&t, "count").and_then(fields::as_i64).unwrap_or(0) + 1;
+            let AMQPValue::FieldTable(mut t) = deaths.remove(i) else {
+                return None;
+            };
+            let count = fields::get(&t, "count")
+                .and_then(fields::as_i64)
+                .unwrap_or(0)
+                + 1;
             t.insert("count".into(), AMQPValue::LongLongInt(count));
             t.insert("time".into(), AMQPValue::Timestamp(time));
             t
@@ -617,22 +736,40 @@ fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Op
             t.insert("reason".into(), AMQPValue::LongString(reason.into()));
             t.insert("queue".into(), AMQPValue::LongString(queue.into()));
             t.insert("time".into(), AMQPValue::Timestamp(time));
-            t.insert("exchange".into(), AMQPValue::LongString(m.exchange().into()));
+            t.insert(
+                "exchange".into(),
+                AMQPValue::LongString(m.exchange().into()),
+            );
             let keys = FieldArray::from(vec![AMQPValue::LongString(m.routing_key().into())]);
             t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
             if let Some(exp) = props.expiration() {
-                t.insert("original-expiration".into(), AMQPValue::LongString(exp.as_str().into()));
+                t.insert(
+                    "original-expiration".into(),
+                    AMQPValue::LongString(exp.as_str().into()),
+                );
             }
             t
         }
     };
     deaths.insert(0, AMQPValue::FieldTable(entry));
     if !headers.contains_key("x-first-death-reason") {
-        headers.insert("x-first-death-reason".into(), AMQPValue::LongString(LongString::from(reason)));
-        headers.insert("x-first-death-queue".into(), AMQPValue::LongString(LongString::from(queue)));
-        headers.insert("x-first-death-exchange".into(), AMQPValue::LongString(LongString::from(m.exchange())));
+        headers.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString(LongString::from(queue)),
+        );
+        headers.insert(
+            "x-first-death-exchange".into(),
+            AMQPValue::LongString(LongString::from(m.exchange())),
+        );
     }
-    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(deaths)));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
     props = rebuild_without_expiration(props).with_headers(headers);
     let raw = encode_properties(&props)?;
     let exchange = ShortString::try_new(m.exchange().to_string()).ok()?;
@@ -641,18 +778,42 @@ fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Op
 
 fn rebuild_without_expiration(p: AMQPProperties) -> AMQPProperties {
     let mut n = AMQPProperties::default();
-    if let Some(v) = p.content_type() { n = n.with_content_type(v.clone()); }
-    if let Some(v) = p.content_encoding() { n = n.with_content_encoding(v.clone()); }
-    if let Some(v) = p.delivery_mode() { n = n.with_delivery_mode(*v); }
-    if let Some(v) = p.priority() { n = n.with_priority(*v); }
-    if let Some(v) = p.correlation_id() { n = n.with_correlation_id(v.clone()); }
-    if let Some(v) = p.reply_to() { n = n.with_reply_to(v.clone()); }
-    if let Some(v) = p.message_id() { n = n.with_message_id(v.clone()); }
-    if let Some(v) = p.timestamp() { n = n.with_timestamp(*v); }
-    if let Some(v) = p.kind() { n = n.with_type(v.clone()); }
-    if let Some(v) = p.user_id() { n = n.with_user_id(v.clone()); }
-    if let Some(v) = p.app_id() { n = n.with_app_id(v.clone()); }
-    if let Some(v) = p.cluster_id() { n = n.with_cluster_id(v.clone()); }
+    if let Some(v) = p.content_type() {
+        n = n.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        n = n.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        n = n.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        n = n.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        n = n.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        n = n.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        n = n.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        n = n.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        n = n.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        n = n.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        n = n.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        n = n.with_cluster_id(v.clone());
+    }
     n
 }
 

@@ -23,6 +23,9 @@ pub struct ChannelContext<'a> {
     pub broker: &'a Arc<Broker>,
     /// The connection's id.
     pub connection_id: u64,
+    /// The authenticated user, when authentication is on (publishes whose `user-id` property
+    /// names someone else are refused, as in RabbitMQ).
+    pub checked_user: Option<&'a str>,
 }
 
 /// A publish waiting for its content.
@@ -114,7 +117,12 @@ impl Channel {
         }
         if !p.exchange.is_empty() {
             match ctx.broker.exchange(p.exchange) {
-                None => return Err(AmqpError::not_found(format!("no exchange '{}' in vhost '/'", p.exchange))),
+                None => {
+                    return Err(AmqpError::not_found(format!(
+                        "no exchange '{}' in vhost '/'",
+                        p.exchange
+                    )));
+                }
                 Some(e) if e.internal => {
                     return Err(AmqpError::access_refused(format!(
                         "cannot publish to internal exchange '{}' in vhost '/'",
@@ -139,7 +147,9 @@ impl Channel {
         ctx: &ChannelContext<'_>,
         h: ContentHeader<'_>,
     ) -> Result<bool, AmqpError> {
-        let Some(pending) = self.pending.as_mut() else { return Ok(false) };
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(false);
+        };
         if pending.builder.is_some() {
             return Ok(false);
         }
@@ -151,11 +161,21 @@ impl Channel {
                 h.body_size
             )));
         }
-        if let Some(exp) = h.summary.expiration {
-            if parse_expiration(exp).is_none() {
-                self.pending = None;
-                return Err(AmqpError::precondition_failed(format!("invalid expiration '{exp}'")));
-            }
+        if let (Some(claimed), Some(user)) = (h.summary.user_id, ctx.checked_user)
+            && claimed != user
+        {
+            self.pending = None;
+            return Err(AmqpError::precondition_failed(format!(
+                "user_id property set to '{claimed}' but authenticated user was '{user}'"
+            )));
+        }
+        if let Some(exp) = h.summary.expiration
+            && parse_expiration(exp).is_none()
+        {
+            self.pending = None;
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid expiration '{exp}'"
+            )));
         }
         pending.builder = Some(MessageBuilder::new(
             &pending.exchange,
@@ -185,10 +205,18 @@ impl Channel {
     }
 
     fn complete(&mut self, ctx: &ChannelContext<'_>) {
-        let Some(PendingPublish { mandatory, builder: Some(builder), .. }) = self.pending.take() else {
+        let Some(PendingPublish {
+            mandatory,
+            builder: Some(builder),
+            ..
+        }) = self.pending.take()
+        else {
             return;
         };
-        let publication = Publication { message: builder.finish(), mandatory };
+        let publication = Publication {
+            message: builder.finish(),
+            mandatory,
+        };
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push(publication);
             return;
@@ -201,7 +229,9 @@ impl Channel {
         self.route_buf.clear();
         // The exchange was checked at basic.publish; if it went away since, the message is
         // unroutable, as in RabbitMQ.
-        let _ = ctx.broker.route(m.exchange(), m.routing_key(), m, &mut self.route_buf);
+        let _ = ctx
+            .broker
+            .route(m.exchange(), m.routing_key(), m, &mut self.route_buf);
         let routed = !self.route_buf.is_empty();
         let now = ctx.broker.now_ms();
         let mut rejected = false;
@@ -209,8 +239,14 @@ impl Channel {
             if q.enqueue(m.clone(), now) == EnqueueOutcome::Rejected {
                 rejected = true;
                 if q.settings.overflow == Overflow::RejectPublishDlx {
-                    let entry = QueuedMessage { id: 0, message: m.clone(), redelivered: false, expires_at_ms: u64::MAX };
-                    ctx.broker.dead_letter(q, vec![(entry, DequeueReason::Rejected)]);
+                    let entry = QueuedMessage {
+                        id: 0,
+                        message: m.clone(),
+                        redelivered: false,
+                        expires_at_ms: u64::MAX,
+                    };
+                    ctx.broker
+                        .dead_letter(q, vec![(entry, DequeueReason::Rejected)]);
                 }
             }
         }
@@ -243,15 +279,30 @@ impl Channel {
 
     /// Writes the publisher confirms decided during this read batch, as one `multiple` ack.
     pub fn flush_confirms(&mut self) {
-        if let Some(upto) = self.confirm.as_mut().and_then(|c| c.ack_pending_upto.take()) {
+        if let Some(upto) = self
+            .confirm
+            .as_mut()
+            .and_then(|c| c.ack_pending_upto.take())
+        {
             let ch = self.id();
-            self.link.out.write(|out| hot::write_ack(out, ch, upto, true));
+            self.link
+                .out
+                .write(|out| hot::write_ack(out, ch, upto, true));
         }
     }
 
     /// basic.ack / basic.nack / basic.reject from a consumer.
-    pub fn settle(&mut self, ctx: &ChannelContext<'_>, s: Settle, kind_nack: bool) -> Result<(), AmqpError> {
-        let kind = if kind_nack { SettleKind::Nack } else { SettleKind::Ack };
+    pub fn settle(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        s: Settle,
+        kind_nack: bool,
+    ) -> Result<(), AmqpError> {
+        let kind = if kind_nack {
+            SettleKind::Nack
+        } else {
+            SettleKind::Ack
+        };
         if let Some(tx) = self.tx.as_mut() {
             // Applied (and validated) at tx.commit.
             tx.settles.push((s, kind));
@@ -260,13 +311,24 @@ impl Channel {
         self.apply_settle(ctx, s, kind)
     }
 
-    fn apply_settle(&mut self, _ctx: &ChannelContext<'_>, s: Settle, kind: SettleKind) -> Result<(), AmqpError> {
+    fn apply_settle(
+        &mut self,
+        _ctx: &ChannelContext<'_>,
+        s: Settle,
+        kind: SettleKind,
+    ) -> Result<(), AmqpError> {
         let mut settled: Vec<Unacked> = Vec::new();
-        self.link.lock().settle(s.delivery_tag, s.multiple, &mut settled)?;
+        self.link
+            .lock()
+            .settle(s.delivery_tag, s.multiple, &mut settled)?;
         if kind == SettleKind::Nack && s.requeue {
             requeue_all(settled);
         } else {
-            let reason = if kind == SettleKind::Ack { DequeueReason::Consumed } else { DequeueReason::Rejected };
+            let reason = if kind == SettleKind::Ack {
+                DequeueReason::Consumed
+            } else {
+                DequeueReason::Rejected
+            };
             settle_all(settled, reason);
         }
         self.dispatch_own_queues();
@@ -293,25 +355,35 @@ impl Channel {
     // ---- control methods --------------------------------------------------------------------
 
     /// Any method other than publish/ack/nack/reject and channel.open/close.
-    pub fn handle_method(&mut self, ctx: &ChannelContext<'_>, method: AMQPClass) -> Result<(), AmqpError> {
+    pub fn handle_method(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        method: AMQPClass,
+    ) -> Result<(), AmqpError> {
         match method {
             AMQPClass::Exchange(m) => self.exchange_method(ctx, m),
             AMQPClass::Queue(m) => self.queue_method(ctx, m),
             AMQPClass::Basic(m) => self.basic_method(ctx, m),
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
-                    return Err(AmqpError::precondition_failed("cannot switch from tx to confirm mode"));
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from tx to confirm mode",
+                    ));
                 }
                 self.confirm.get_or_insert_with(ConfirmState::default);
                 if !s.nowait {
-                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
+                        confirm::SelectOk {},
+                    )));
                 }
                 Ok(())
             }
             AMQPClass::Tx(m) => self.tx_method(ctx, m),
             AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
                 self.link.lock().flow_active = f.active;
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: f.active })));
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: f.active },
+                )));
                 if f.active {
                     self.dispatch_own_queues();
                 }
@@ -325,7 +397,11 @@ impl Channel {
         }
     }
 
-    fn exchange_method(&mut self, ctx: &ChannelContext<'_>, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
+    fn exchange_method(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        m: exchange::AMQPMethod,
+    ) -> Result<(), AmqpError> {
         match m {
             exchange::AMQPMethod::Declare(d) => {
                 ctx.broker.declare_exchange(&ExchangeDeclare {
@@ -338,18 +414,25 @@ impl Channel {
                     arguments: d.arguments,
                 })?;
                 if !d.nowait {
-                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                        exchange::DeclareOk {},
+                    )));
                 }
                 Ok(())
             }
             exchange::AMQPMethod::Delete(d) => {
-                ctx.broker.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                ctx.broker
+                    .delete_exchange(d.exchange.as_str(), d.if_unused)?;
                 if !d.nowait {
-                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                    self.reply(AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(
+                        exchange::DeleteOk {},
+                    )));
                 }
                 Ok(())
             }
-            _ => Err(AmqpError::not_implemented("exchange-to-exchange bindings are not implemented")),
+            _ => Err(AmqpError::not_implemented(
+                "exchange-to-exchange bindings are not implemented",
+            )),
         }
     }
 
@@ -363,48 +446,75 @@ impl Channel {
         Ok(given.to_string())
     }
 
-    fn queue_method(&mut self, ctx: &ChannelContext<'_>, m: queue::AMQPMethod) -> Result<(), AmqpError> {
+    fn queue_method(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        m: queue::AMQPMethod,
+    ) -> Result<(), AmqpError> {
         let b = ctx.broker;
         let conn = ctx.connection_id;
         match m {
             queue::AMQPMethod::Declare(d) => {
-                let declared = b.declare_queue(conn, &QueueDeclare {
-                    name: d.queue.to_string(),
-                    passive: d.passive,
-                    durable: d.durable,
-                    exclusive: d.exclusive,
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments,
-                })?;
+                let declared = b.declare_queue(
+                    conn,
+                    &QueueDeclare {
+                        name: d.queue.to_string(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    },
+                )?;
                 self.last_queue = Some(declared.queue.name.clone());
                 if !d.nowait {
-                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                        queue: short(&declared.queue.name),
-                        message_count: declared.message_count,
-                        consumer_count: declared.consumer_count,
-                    })));
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(
+                        queue::DeclareOk {
+                            queue: short(&declared.queue.name),
+                            message_count: declared.message_count,
+                            consumer_count: declared.consumer_count,
+                        },
+                    )));
                 }
                 Ok(())
             }
             queue::AMQPMethod::Bind(x) => {
                 let name = self.queue_name(&x.queue)?;
-                b.bind(conn, &name, x.exchange.as_str(), x.routing_key.as_str(), &x.arguments)?;
+                b.bind(
+                    conn,
+                    &name,
+                    x.exchange.as_str(),
+                    x.routing_key.as_str(),
+                    &x.arguments,
+                )?;
                 if !x.nowait {
-                    self.reply(AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::BindOk(
+                        queue::BindOk {},
+                    )));
                 }
                 Ok(())
             }
             queue::AMQPMethod::Unbind(x) => {
                 let name = self.queue_name(&x.queue)?;
-                b.unbind(conn, &name, x.exchange.as_str(), x.routing_key.as_str(), &x.arguments)?;
-                self.reply(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                b.unbind(
+                    conn,
+                    &name,
+                    x.exchange.as_str(),
+                    x.routing_key.as_str(),
+                    &x.arguments,
+                )?;
+                self.reply(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(
+                    queue::UnbindOk {},
+                )));
                 Ok(())
             }
             queue::AMQPMethod::Purge(x) => {
                 let name = self.queue_name(&x.queue)?;
                 let n = b.purge(conn, &name)?;
                 if !x.nowait {
-                    self.reply(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: n })));
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(
+                        queue::PurgeOk { message_count: n },
+                    )));
                 }
                 Ok(())
             }
@@ -412,15 +522,23 @@ impl Channel {
                 let name = self.queue_name(&x.queue)?;
                 let n = b.delete_queue(conn, &name, x.if_unused, x.if_empty)?;
                 if !x.nowait {
-                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: n })));
+                    self.reply(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(
+                        queue::DeleteOk { message_count: n },
+                    )));
                 }
                 Ok(())
             }
-            _ => Err(AmqpError::command_invalid("server-to-client queue method sent by the client")),
+            _ => Err(AmqpError::command_invalid(
+                "server-to-client queue method sent by the client",
+            )),
         }
     }
 
-    fn basic_method(&mut self, ctx: &ChannelContext<'_>, m: basic::AMQPMethod) -> Result<(), AmqpError> {
+    fn basic_method(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        m: basic::AMQPMethod,
+    ) -> Result<(), AmqpError> {
         match m {
             basic::AMQPMethod::Qos(q) => {
                 if q.global {
@@ -436,9 +554,11 @@ impl Channel {
             basic::AMQPMethod::Cancel(c) => {
                 self.cancel(ctx, c.consumer_tag.as_str());
                 if !c.nowait {
-                    self.reply(AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
-                        consumer_tag: c.consumer_tag,
-                    })));
+                    self.reply(AMQPClass::Basic(basic::AMQPMethod::CancelOk(
+                        basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        },
+                    )));
                 }
                 Ok(())
             }
@@ -447,23 +567,31 @@ impl Channel {
                 let q = ctx.broker.queue_for(ctx.connection_id, &name)?;
                 let now = ctx.broker.now_ms();
                 if !q.get(&self.link, g.no_ack, now) {
-                    self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
+                    self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(
+                        basic::GetEmpty {},
+                    )));
                 }
                 Ok(())
             }
             basic::AMQPMethod::Recover(r) => {
                 self.recover(r.requeue)?;
-                self.reply(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                self.reply(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(
+                    basic::RecoverOk {},
+                )));
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
-            _ => Err(AmqpError::command_invalid("server-to-client basic method sent by the client")),
+            _ => Err(AmqpError::command_invalid(
+                "server-to-client basic method sent by the client",
+            )),
         }
     }
 
     fn recover(&mut self, requeue: bool) -> Result<(), AmqpError> {
         if !requeue {
-            return Err(AmqpError::not_implemented("basic.recover with requeue=false"));
+            return Err(AmqpError::not_implemented(
+                "basic.recover with requeue=false",
+            ));
         }
         let all = self.link.lock().take_all();
         requeue_all(all);
@@ -481,7 +609,9 @@ impl Channel {
         {
             let ls = self.link.lock();
             if ls.consumers.contains_key(&tag) {
-                return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")));
+                return Err(AmqpError::not_allowed(format!(
+                    "attempt to reuse consumer tag '{tag}'"
+                )));
             }
             let max = ctx.broker.config.max_consumers_per_channel;
             if max != 0 && ls.consumers.len() >= max {
@@ -504,13 +634,18 @@ impl Channel {
         let reply_tag = short(&tag);
         q.add_consumer(consumer.clone(), ctx.broker.now_ms(), || {
             // Written under the queue's lock, so it precedes the first delivery.
-            self.link.lock().consumers.insert(tag.clone(), consumer.clone());
+            self.link
+                .lock()
+                .consumers
+                .insert(tag.clone(), consumer.clone());
             if !nowait {
                 self.link.out.write(|out| {
                     write_method(
                         out,
                         ch,
-                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: reply_tag })),
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag: reply_tag,
+                        })),
                     );
                 });
             }
@@ -518,7 +653,9 @@ impl Channel {
     }
 
     fn cancel(&mut self, ctx: &ChannelContext<'_>, tag: &str) {
-        let Some(consumer) = self.link.lock().consumers.remove(tag) else { return };
+        let Some(consumer) = self.link.lock().consumers.remove(tag) else {
+            return;
+        };
         if consumer.mark_cancelled() {
             remove_consumer(ctx.broker, &consumer);
         }
@@ -528,7 +665,9 @@ impl Channel {
         match m {
             tx::AMQPMethod::Select(_) => {
                 if self.confirm.is_some() {
-                    return Err(AmqpError::precondition_failed("cannot switch from confirm to tx mode"));
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from confirm to tx mode",
+                    ));
                 }
                 self.tx.get_or_insert_with(TxState::default);
                 self.reply(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
@@ -536,7 +675,9 @@ impl Channel {
             }
             tx::AMQPMethod::Commit(_) => {
                 let Some(tx) = self.tx.as_mut() else {
-                    return Err(AmqpError::precondition_failed("channel is not transactional"));
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional",
+                    ));
                 };
                 let work = std::mem::take(tx);
                 for p in work.publishes {
@@ -550,13 +691,17 @@ impl Channel {
             }
             tx::AMQPMethod::Rollback(_) => {
                 let Some(tx) = self.tx.as_mut() else {
-                    return Err(AmqpError::precondition_failed("channel is not transactional"));
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional",
+                    ));
                 };
                 *tx = TxState::default();
                 self.reply(AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
                 Ok(())
             }
-            _ => Err(AmqpError::command_invalid("server-to-client tx method sent by the client")),
+            _ => Err(AmqpError::command_invalid(
+                "server-to-client tx method sent by the client",
+            )),
         }
     }
 
@@ -609,7 +754,10 @@ fn group_by_queue(settled: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<QueuedMessage>)
 /// Tells a client that its consumer was cancelled by the broker (its queue was deleted).
 pub fn write_server_cancel(link: &ChannelLink, tag: &str) {
     let ch = link.channel;
-    let method = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: short(tag), nowait: true }));
+    let method = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: short(tag),
+        nowait: true,
+    }));
     link.out.write(|out| write_method(out, ch, method));
 }
 

@@ -20,8 +20,8 @@ use crate::protocol::control::{ControlDecodeError, parse_method, write_method};
 use crate::protocol::frame::Frame;
 use crate::protocol::hot::{self, method_ids};
 use crate::protocol::{
-    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, PROTOCOL_HEADER, basic_method,
-    class, is_known_method,
+    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, PROTOCOL_HEADER,
+    basic_method, class, is_known_method,
 };
 
 /// Where the connection is in its life.
@@ -141,15 +141,25 @@ impl Connection {
         }
         let mut p = FieldTable::default();
         p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        p.insert("product".into(), AMQPValue::LongString("qpidd (qpid-rs)".into()));
-        p.insert("version".into(), AMQPValue::LongString(self.broker.config.version.as_str().into()));
+        p.insert(
+            "product".into(),
+            AMQPValue::LongString("qpidd (qpid-rs)".into()),
+        );
+        p.insert(
+            "version".into(),
+            AMQPValue::LongString(self.broker.config.version.as_str().into()),
+        );
         p.insert("platform".into(), AMQPValue::LongString("Rust".into()));
-        p.insert("information".into(), AMQPValue::LongString("AMQP 0-9-1 broker with Qpid-style HA".into()));
+        p.insert(
+            "information".into(),
+            AMQPValue::LongString("AMQP 0-9-1 broker with Qpid-style HA".into()),
+        );
         p
     }
 
     fn send0(&self, m: connection::AMQPMethod) {
-        self.out.write(|o| write_method(o, 0, AMQPClass::Connection(m)));
+        self.out
+            .write(|o| write_method(o, 0, AMQPClass::Connection(m)));
     }
 
     /// Handles one frame.
@@ -157,7 +167,11 @@ impl Connection {
         if self.phase == Phase::Closing {
             return self.frame_while_closing(frame);
         }
-        let ids = if frame.frame_type == FRAME_METHOD { method_ids(frame.payload).ok() } else { None };
+        let ids = if frame.frame_type == FRAME_METHOD {
+            method_ids(frame.payload).ok()
+        } else {
+            None
+        };
         let (class_id, method_id) = ids.map_or((0, 0), |(c, m, _)| (c, m));
         match self.dispatch(frame) {
             Ok(next) => next,
@@ -186,15 +200,26 @@ impl Connection {
     fn dispatch(&mut self, frame: Frame<'_>) -> Result<Next, Failure> {
         match frame.frame_type {
             FRAME_HEARTBEAT if frame.channel == 0 => Ok(Next::Continue),
-            FRAME_HEARTBEAT => Err(hard(AmqpError::frame_error("heartbeat frame on a channel other than 0"))),
+            FRAME_HEARTBEAT => Err(hard(AmqpError::frame_error(
+                "heartbeat frame on a channel other than 0",
+            ))),
             FRAME_METHOD if frame.channel == 0 => self.connection_method(frame.payload),
             _ if self.phase != Phase::Open => Err(hard(AmqpError::command_invalid(
                 "channel frames are not allowed before connection.open",
             ))),
-            FRAME_METHOD => self.channel_method(frame.channel, frame.payload).map(|()| Next::Continue),
-            FRAME_HEADER => self.content_header(frame.channel, frame.payload).map(|()| Next::Continue),
-            FRAME_BODY => self.content_body(frame.channel, frame.payload).map(|()| Next::Continue),
-            _ => Err(hard(AmqpError::frame_error(format!("unexpected frame type {}", frame.frame_type)))),
+            FRAME_METHOD => self
+                .channel_method(frame.channel, frame.payload)
+                .map(|()| Next::Continue),
+            FRAME_HEADER => self
+                .content_header(frame.channel, frame.payload)
+                .map(|()| Next::Continue),
+            FRAME_BODY => self
+                .content_body(frame.channel, frame.payload)
+                .map(|()| Next::Continue),
+            _ => Err(hard(AmqpError::frame_error(format!(
+                "unexpected frame type {}",
+                frame.frame_type
+            )))),
         }
     }
 
@@ -221,7 +246,9 @@ impl Connection {
                 self.send0(connection::AMQPMethod::CloseOk(connection::CloseOk {}));
                 Ok(Next::Terminate)
             }
-            (_, connection::AMQPMethod::Blocked(_) | connection::AMQPMethod::Unblocked(_)) => Ok(Next::Continue),
+            (_, connection::AMQPMethod::Blocked(_) | connection::AMQPMethod::Unblocked(_)) => {
+                Ok(Next::Continue)
+            }
             (phase, m) => Err(hard(AmqpError::command_invalid(format!(
                 "connection method {} is not allowed now ({phase:?})",
                 AMQPClass::Connection(m).get_amqp_method_id()
@@ -234,12 +261,19 @@ impl Connection {
             AMQPValue::FieldTable(t) => Some(t.clone()),
             _ => None,
         });
-        let cap = |name: &str| caps.as_ref().and_then(|t| fields::get(t, name)).and_then(fields::as_bool) == Some(true);
+        let cap = |name: &str| {
+            caps.as_ref()
+                .and_then(|t| fields::get(t, name))
+                .and_then(fields::as_bool)
+                == Some(true)
+        };
         self.cancel_notify = cap("consumer_cancel_notify");
         self.blocked_capable = cap("connection.blocked");
-        self.admin_requested = fields::get(&s.client_properties, "qpid.ha-admin").is_some_and(|v| {
-            fields::as_bool(v).unwrap_or(false) || fields::as_str(v).is_some_and(|s| s != "0" && s != "false")
-        });
+        self.admin_requested =
+            fields::get(&s.client_properties, "qpid.ha-admin").is_some_and(|v| {
+                fields::as_bool(v).unwrap_or(false)
+                    || fields::as_str(v).is_some_and(|s| s != "0" && s != "false")
+            });
         let principal = auth::authenticate(
             &self.broker.users,
             self.broker.config.auth,
@@ -267,14 +301,22 @@ impl Connection {
 
     fn tune_ok(&mut self, t: connection::TuneOk) -> Result<Next, Failure> {
         let server_frame_max = self.broker.config.frame_max;
-        let frame_max = if t.frame_max == 0 { server_frame_max } else { t.frame_max };
+        let frame_max = if t.frame_max == 0 {
+            server_frame_max
+        } else {
+            t.frame_max
+        };
         if frame_max > server_frame_max || frame_max < FRAME_MIN_SIZE {
             return Err(hard(AmqpError::not_allowed(format!(
                 "frame_max {} is outside {FRAME_MIN_SIZE}..={server_frame_max}",
                 t.frame_max
             ))));
         }
-        let channel_max = if t.channel_max == 0 { self.channel_max } else { t.channel_max };
+        let channel_max = if t.channel_max == 0 {
+            self.channel_max
+        } else {
+            t.channel_max
+        };
         if channel_max > self.channel_max {
             return Err(hard(AmqpError::not_allowed(format!(
                 "channel_max {} is above the server's {}",
@@ -298,7 +340,11 @@ impl Connection {
         let admin = self.admin_requested && self.principal.as_ref().is_some_and(|p| p.admin);
         if !admin {
             let max = self.broker.config.max_connections;
-            let now = self.broker.connections_ordinary.fetch_add(1, Ordering::AcqRel) + 1;
+            let now = self
+                .broker
+                .connections_ordinary
+                .fetch_add(1, Ordering::AcqRel)
+                + 1;
             self.counted_ordinary = true;
             if max != 0 && now > max {
                 return Err(hard(AmqpError::not_allowed(format!(
@@ -315,18 +361,30 @@ impl Connection {
     // ---- channels ---------------------------------------------------------------------------
 
     fn channel_method(&mut self, ch: u16, payload: &[u8]) -> Result<(), Failure> {
-        let (class_id, method_id, args) = method_ids(payload).map_err(|e| hard(AmqpError::frame_error(e.to_string())))?;
+        let (class_id, method_id, args) =
+            method_ids(payload).map_err(|e| hard(AmqpError::frame_error(e.to_string())))?;
         if (class_id, method_id) == (class::CHANNEL, 10) {
             return self.open_channel(ch);
         }
+        if (class_id, method_id) == (class::BASIC, basic_method::PUBLISH) {
+            self.has_published = true;
+        }
         let Some(channel) = self.channels.get_mut(&ch) else {
-            return Err(hard(AmqpError::channel_error(format!("expected 'channel.open' on channel {ch}"))));
+            return Err(hard(AmqpError::channel_error(format!(
+                "expected 'channel.open' on channel {ch}"
+            ))));
         };
         if channel.closing {
             if (class_id, method_id) == (class::CHANNEL, 41) {
                 self.channels.remove(&ch);
             } else if (class_id, method_id) == (class::CHANNEL, 40) {
-                self.out.write(|o| write_method(o, ch, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))));
+                self.out.write(|o| {
+                    write_method(
+                        o,
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    )
+                });
                 self.channels.remove(&ch);
             }
             return Ok(());
@@ -336,27 +394,38 @@ impl Connection {
                 "method {class_id}.{method_id} on channel {ch} while content was expected"
             ))));
         }
-        let ctx = ChannelContext { broker: &self.broker, connection_id: self.id };
-        let soft = |e: AmqpError| if e.is_hard() { hard(e) } else { Failure::Channel(ch, e) };
+        let ctx = channel_context(&self.broker, self.id, &self.principal);
+        let soft = |e: AmqpError| {
+            if e.is_hard() {
+                hard(e)
+            } else {
+                Failure::Channel(ch, e)
+            }
+        };
         let syntax = |e: hot::DecodeError| hard(AmqpError::syntax_error(e.to_string()));
         match (class_id, method_id) {
-            (class::BASIC, basic_method::PUBLISH) => {
-                self.has_published = true;
-                channel.publish(&ctx, hot::parse_publish(args).map_err(syntax)?).map_err(soft)
-            }
-            (class::BASIC, basic_method::ACK) => {
-                channel.settle(&ctx, hot::parse_ack(args).map_err(syntax)?, false).map_err(soft)
-            }
-            (class::BASIC, basic_method::NACK) => {
-                channel.settle(&ctx, hot::parse_nack(args).map_err(syntax)?, true).map_err(soft)
-            }
-            (class::BASIC, basic_method::REJECT) => {
-                channel.settle(&ctx, hot::parse_reject(args).map_err(syntax)?, true).map_err(soft)
-            }
+            (class::BASIC, basic_method::PUBLISH) => channel
+                .publish(&ctx, hot::parse_publish(args).map_err(syntax)?)
+                .map_err(soft),
+            (class::BASIC, basic_method::ACK) => channel
+                .settle(&ctx, hot::parse_ack(args).map_err(syntax)?, false)
+                .map_err(soft),
+            (class::BASIC, basic_method::NACK) => channel
+                .settle(&ctx, hot::parse_nack(args).map_err(syntax)?, true)
+                .map_err(soft),
+            (class::BASIC, basic_method::REJECT) => channel
+                .settle(&ctx, hot::parse_reject(args).map_err(syntax)?, true)
+                .map_err(soft),
             (class::CHANNEL, 40) => {
                 channel.shutdown(&self.broker);
                 self.channels.remove(&ch);
-                self.out.write(|o| write_method(o, ch, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))));
+                self.out.write(|o| {
+                    write_method(
+                        o,
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    )
+                });
                 Ok(())
             }
             (class::CHANNEL, 41) => Ok(()),
@@ -375,7 +444,9 @@ impl Connection {
             ))));
         }
         if self.channels.contains_key(&ch) {
-            return Err(hard(AmqpError::channel_error(format!("second 'channel.open' seen on channel {ch}"))));
+            return Err(hard(AmqpError::channel_error(format!(
+                "second 'channel.open' seen on channel {ch}"
+            ))));
         }
         let link = Arc::new(ChannelLink::new(
             ch,
@@ -386,19 +457,28 @@ impl Connection {
             self.broker.config.max_unacked_per_channel,
         ));
         self.channels.insert(ch, Channel::new(link));
-        self.out.write(|o| write_method(o, ch, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))));
+        self.out.write(|o| {
+            write_method(
+                o,
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+            )
+        });
         Ok(())
     }
 
     fn content_header(&mut self, ch: u16, payload: &[u8]) -> Result<(), Failure> {
-        let ctx = ChannelContext { broker: &self.broker, connection_id: self.id };
+        let ctx = channel_context(&self.broker, self.id, &self.principal);
         let Some(channel) = self.channels.get_mut(&ch) else {
-            return Err(hard(AmqpError::channel_error(format!("content header on channel {ch}, which is not open"))));
+            return Err(hard(AmqpError::channel_error(format!(
+                "content header on channel {ch}, which is not open"
+            ))));
         };
         if channel.closing {
             return Ok(());
         }
-        let header = hot::parse_content_header(payload).map_err(|e| hard(AmqpError::frame_error(e.to_string())))?;
+        let header = hot::parse_content_header(payload)
+            .map_err(|e| hard(AmqpError::frame_error(e.to_string())))?;
         match channel.content_header(&ctx, header) {
             Ok(true) => Ok(()),
             Ok(false) => Err(hard(AmqpError::unexpected_frame(format!(
@@ -409,9 +489,11 @@ impl Connection {
     }
 
     fn content_body(&mut self, ch: u16, payload: &[u8]) -> Result<(), Failure> {
-        let ctx = ChannelContext { broker: &self.broker, connection_id: self.id };
+        let ctx = channel_context(&self.broker, self.id, &self.principal);
         let Some(channel) = self.channels.get_mut(&ch) else {
-            return Err(hard(AmqpError::channel_error(format!("content body on channel {ch}, which is not open"))));
+            return Err(hard(AmqpError::channel_error(format!(
+                "content body on channel {ch}, which is not open"
+            ))));
         };
         if channel.closing {
             return Ok(());
@@ -441,11 +523,13 @@ impl Connection {
         }
         let close = channel::Close {
             reply_code: e.code,
-            reply_text: ShortString::try_new(e.wire_text()).unwrap_or_else(|_| ShortString::from("")),
+            reply_text: ShortString::try_new(e.wire_text())
+                .unwrap_or_else(|_| ShortString::from("")),
             class_id,
             method_id,
         };
-        self.out.write(|o| write_method(o, ch, AMQPClass::Channel(channel::AMQPMethod::Close(close))));
+        self.out
+            .write(|o| write_method(o, ch, AMQPClass::Channel(channel::AMQPMethod::Close(close))));
     }
 
     /// Sends connection.close and waits for close-ok (the I/O layer applies a timeout).
@@ -462,7 +546,8 @@ impl Connection {
         self.shutdown_channels();
         let close = connection::Close {
             reply_code: e.code,
-            reply_text: ShortString::try_new(e.wire_text()).unwrap_or_else(|_| ShortString::from("")),
+            reply_text: ShortString::try_new(e.wire_text())
+                .unwrap_or_else(|_| ShortString::from("")),
             class_id,
             method_id,
         };
@@ -504,9 +589,28 @@ impl Connection {
         self.shutdown_channels();
         self.broker.connection_closed(self.id);
         if self.counted_ordinary {
-            self.broker.connections_ordinary.fetch_sub(1, Ordering::AcqRel);
+            self.broker
+                .connections_ordinary
+                .fetch_sub(1, Ordering::AcqRel);
             self.counted_ordinary = false;
         }
+    }
+}
+
+fn channel_context<'a>(
+    broker: &'a Arc<Broker>,
+    id: u64,
+    principal: &'a Option<Principal>,
+) -> ChannelContext<'a> {
+    let checked_user = if broker.config.auth {
+        principal.as_ref().map(|p| p.user.as_str())
+    } else {
+        None
+    };
+    ChannelContext {
+        broker,
+        connection_id: id,
+        checked_user,
     }
 }
 
@@ -526,15 +630,17 @@ fn parse_control(payload: &[u8]) -> Result<AMQPClass, Failure> {
     parse_method(payload).map_err(|e| {
         let (class_id, method_id) = method_ids(payload).map_or((0, 0), |(c, m, _)| (c, m));
         if !is_known_method(class_id, method_id) {
-            return hard(AmqpError::not_implemented(format!("unknown method {class_id}.{method_id}")));
+            return hard(AmqpError::not_implemented(format!(
+                "unknown method {class_id}.{method_id}"
+            )));
         }
         match e {
-            ControlDecodeError::Malformed => {
-                hard(AmqpError::syntax_error(format!("malformed arguments for method {class_id}.{method_id}")))
-            }
-            ControlDecodeError::Decode(d) => {
-                hard(AmqpError::syntax_error(format!("method {class_id}.{method_id}: {d}")))
-            }
+            ControlDecodeError::Malformed => hard(AmqpError::syntax_error(format!(
+                "malformed arguments for method {class_id}.{method_id}"
+            ))),
+            ControlDecodeError::Decode(d) => hard(AmqpError::syntax_error(format!(
+                "method {class_id}.{method_id}: {d}"
+            ))),
         }
     })
 }

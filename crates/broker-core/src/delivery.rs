@@ -249,10 +249,17 @@ impl LinkState {
     /// Removes the deliveries an ack, nack or reject names, appending them to `out`. A tag that
     /// is not outstanding is a 406 channel error (as RabbitMQ), unless it is `multiple` with
     /// tag 0, which means "everything".
-    pub fn settle(&mut self, tag: u64, multiple: bool, out: &mut Vec<Unacked>) -> Result<(), AmqpError> {
+    pub fn settle(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+        out: &mut Vec<Unacked>,
+    ) -> Result<(), AmqpError> {
         if multiple {
             if tag != 0 && !self.unacked.contains_key(&tag) && tag >= self.next_delivery_tag {
-                return Err(AmqpError::precondition_failed(format!("unknown delivery tag {tag}")));
+                return Err(AmqpError::precondition_failed(format!(
+                    "unknown delivery tag {tag}"
+                )));
             }
             let upto = if tag == 0 { u64::MAX } else { tag };
             let rest = self.unacked.split_off(&upto.saturating_add(1));
@@ -262,7 +269,9 @@ impl LinkState {
             match self.unacked.remove(&tag) {
                 Some(u) => out.push(u),
                 None => {
-                    return Err(AmqpError::precondition_failed(format!("unknown delivery tag {tag}")));
+                    return Err(AmqpError::precondition_failed(format!(
+                        "unknown delivery tag {tag}"
+                    )));
                 }
             }
         }

@@ -17,7 +17,10 @@ pub struct AmqpError {
 impl AmqpError {
     /// An error with this code and text.
     pub fn new(code: u16, text: impl Into<String>) -> AmqpError {
-        AmqpError { code, text: text.into() }
+        AmqpError {
+            code,
+            text: text.into(),
+        }
     }
 
     /// True if it closes the connection rather than the channel.

@@ -153,7 +153,12 @@ impl Exchange {
     }
 
     /// Adds a binding; binding the same queue with the same key and arguments again is a no-op.
-    pub fn bind(&self, queue: &Arc<Queue>, key: &str, arguments: &FieldTable) -> Result<bool, AmqpError> {
+    pub fn bind(
+        &self,
+        queue: &Arc<Queue>,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<bool, AmqpError> {
         if self.kind == ExchangeKind::Headers {
             validate_x_match(arguments)?;
         }
@@ -161,9 +166,16 @@ impl Exchange {
         if b.all.iter().any(|x| same_binding(x, queue, key, arguments)) {
             return Ok(false);
         }
-        b.all.push(Binding { queue: queue.clone(), key: key.to_string(), arguments: arguments.clone() });
+        b.all.push(Binding {
+            queue: queue.clone(),
+            key: key.to_string(),
+            arguments: arguments.clone(),
+        });
         if self.kind == ExchangeKind::Direct {
-            b.by_key.entry(key.to_string()).or_default().push(queue.clone());
+            b.by_key
+                .entry(key.to_string())
+                .or_default()
+                .push(queue.clone());
         }
         self.ever_bound.store(true, Ordering::Relaxed);
         Ok(true)
@@ -184,8 +196,12 @@ impl Exchange {
     /// Removes every binding of `queue` (the queue is being deleted).
     pub fn unbind_queue(&self, queue: &Arc<Queue>) {
         let mut b = self.bindings.write();
-        let keys: Vec<String> =
-            b.all.iter().filter(|x| Arc::ptr_eq(&x.queue, queue)).map(|x| x.key.clone()).collect();
+        let keys: Vec<String> = b
+            .all
+            .iter()
+            .filter(|x| Arc::ptr_eq(&x.queue, queue))
+            .map(|x| x.key.clone())
+            .collect();
         b.all.retain(|x| !Arc::ptr_eq(&x.queue, queue));
         for key in keys {
             remove_from_key(&mut b.by_key, &key, queue);
@@ -209,7 +225,9 @@ impl Exchange {
 }
 
 fn same_binding(b: &Binding, queue: &Arc<Queue>, key: &str, arguments: &FieldTable) -> bool {
-    Arc::ptr_eq(&b.queue, queue) && b.key == key && fields::tables_equivalent(&b.arguments, arguments)
+    Arc::ptr_eq(&b.queue, queue)
+        && b.key == key
+        && fields::tables_equivalent(&b.arguments, arguments)
 }
 
 fn remove_from_key(by_key: &mut HashMap<String, Vec<Arc<Queue>>>, key: &str, queue: &Arc<Queue>) {
@@ -232,7 +250,11 @@ fn push_unique(out: &mut Vec<Arc<Queue>>, q: &Arc<Queue>) {
 /// Topic matching: `*` matches exactly one word, `#` zero or more.
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
     let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
+    let k: Vec<&str> = if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    };
     let p: &[&str] = if pattern.is_empty() { &[] } else { &p };
     topic_match_words(p, &k)
 }
@@ -272,18 +294,25 @@ fn validate_x_match(arguments: &FieldTable) -> Result<(), AmqpError> {
 /// Headers matching: `x-match` `all` (default) or `any`; binding keys starting with `x-` are
 /// ignored unless the mode ends in `-with-x`. A binding value of type void matches presence.
 pub fn headers_match(binding: &FieldTable, headers: &FieldTable) -> bool {
-    let mode = fields::get(binding, "x-match").and_then(fields::as_str).unwrap_or("all");
+    let mode = fields::get(binding, "x-match")
+        .and_then(fields::as_str)
+        .unwrap_or("all");
     let with_x = mode.ends_with("-with-x");
     let any = mode.starts_with("any");
     let mut considered = binding.inner().iter().filter(|(k, _)| {
         let k = k.as_str();
         k != "x-match" && (with_x || !k.starts_with("x-"))
     });
-    let matches = |(k, v): (&amq_protocol::types::ShortString, &AMQPValue)| match headers.inner().get(k) {
-        None => false,
-        Some(h) => matches!(v, AMQPValue::Void) || fields::values_match(v, h),
-    };
-    if any { considered.any(matches) } else { considered.all(matches) }
+    let matches =
+        |(k, v): (&amq_protocol::types::ShortString, &AMQPValue)| match headers.inner().get(k) {
+            None => false,
+            Some(h) => matches!(v, AMQPValue::Void) || fields::values_match(v, h),
+        };
+    if any {
+        considered.any(matches)
+    } else {
+        considered.all(matches)
+    }
 }
 
 #[cfg(test)]
@@ -326,14 +355,20 @@ mod tests {
 
     #[test]
     fn headers_all_and_any() {
-        let h = table(&[("a", AMQPValue::LongString("1".into())), ("b", AMQPValue::LongInt(2))]);
+        let h = table(&[
+            ("a", AMQPValue::LongString("1".into())),
+            ("b", AMQPValue::LongInt(2)),
+        ]);
         let all = table(&[
             ("x-match", AMQPValue::LongString("all".into())),
             ("a", AMQPValue::LongString("1".into())),
             ("b", AMQPValue::LongLongInt(2)),
         ]);
         assert!(headers_match(&all, &h));
-        let all_missing = table(&[("a", AMQPValue::LongString("1".into())), ("c", AMQPValue::Void)]);
+        let all_missing = table(&[
+            ("a", AMQPValue::LongString("1".into())),
+            ("c", AMQPValue::Void),
+        ]);
         assert!(!headers_match(&all_missing, &h));
         let any = table(&[
             ("x-match", AMQPValue::LongString("any".into())),

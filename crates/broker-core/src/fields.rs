@@ -53,8 +53,9 @@ pub fn decode_table(raw: &[u8]) -> Option<FieldTable> {
     buf.extend_from_slice(&(raw.len() as u32).to_be_bytes());
     buf.extend_from_slice(raw);
     match amq_protocol::types::parsing::parse_field_table(&buf[..]) {
-        Ok((rest, t)) if rest.is_empty() => Some(t),
-        _ => None,
+        Ok((rest, _)) if !rest.is_empty() => None,
+        Ok((_, t)) => Some(t),
+        Err(_) => None,
     }
 }
 
@@ -85,9 +86,18 @@ mod tests {
 
     #[test]
     fn integers_and_strings_match_across_types() {
-        assert!(values_match(&AMQPValue::LongInt(5), &AMQPValue::LongLongInt(5)));
-        assert!(values_match(&AMQPValue::ShortString("a".into()), &AMQPValue::LongString("a".into())));
-        assert!(!values_match(&AMQPValue::LongInt(5), &AMQPValue::LongString("5".into())));
+        assert!(values_match(
+            &AMQPValue::LongInt(5),
+            &AMQPValue::LongLongInt(5)
+        ));
+        assert!(values_match(
+            &AMQPValue::ShortString("a".into()),
+            &AMQPValue::LongString("a".into())
+        ));
+        assert!(!values_match(
+            &AMQPValue::LongInt(5),
+            &AMQPValue::LongString("5".into())
+        ));
     }
 
     #[test]

@@ -59,8 +59,9 @@ impl MessageBuilder {
         body_size: usize,
     ) -> MessageBuilder {
         debug_assert!(exchange.len() <= 255 && routing_key.len() <= 255);
-        let mut data =
-            Vec::with_capacity(exchange.len() + routing_key.len() + raw_properties.len() + body_size);
+        let mut data = Vec::with_capacity(
+            exchange.len() + routing_key.len() + raw_properties.len() + body_size,
+        );
         data.extend_from_slice(exchange.as_bytes());
         data.extend_from_slice(routing_key.as_bytes());
         data.extend_from_slice(raw_properties);
@@ -132,7 +133,8 @@ impl Message {
         body: &[u8],
     ) -> Result<Message, DecodeError> {
         let summary = hot::summarize_properties(raw_properties)?;
-        let mut b = MessageBuilder::new(exchange, routing_key, raw_properties, &summary, body.len());
+        let mut b =
+            MessageBuilder::new(exchange, routing_key, raw_properties, &summary, body.len());
         b.push_body(body);
         Ok(b.finish())
     }
@@ -214,7 +216,10 @@ mod tests {
     fn parts_come_back_as_built() {
         let props = [0x10, 0x00, 2]; // delivery-mode 2
         let m = Message::new("ex", "rk", &props, b"hello").unwrap();
-        assert_eq!((m.exchange(), m.routing_key(), m.body()), ("ex", "rk", &b"hello"[..]));
+        assert_eq!(
+            (m.exchange(), m.routing_key(), m.body()),
+            ("ex", "rk", &b"hello"[..])
+        );
         assert_eq!(m.raw_properties(), &props);
         assert!(m.persistent());
     }

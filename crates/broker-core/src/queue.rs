@@ -133,7 +133,10 @@ struct Ready {
 
 impl Ready {
     fn new(levels: usize) -> Ready {
-        Ready { levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(), len: 0 }
+        Ready {
+            levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(),
+            len: 0,
+        }
     }
 
     fn level_of(&self, m: &Message) -> usize {
@@ -142,7 +145,10 @@ impl Ready {
 
     fn push_back(&mut self, e: QueuedMessage) {
         let l = self.level_of(&e.message);
-        debug_assert!(self.levels[l].back().is_none_or(|b| b.id < e.id), "ids must increase");
+        debug_assert!(
+            self.levels[l].back().is_none_or(|b| b.id < e.id),
+            "ids must increase"
+        );
         self.levels[l].push_back(e);
         self.len += 1;
     }
@@ -286,8 +292,12 @@ impl Queue {
         }
         let size = message.body_size();
         let s = &self.settings;
-        let over_count = s.max_length.is_some_and(|max| st.ready.len as u64 + 1 > max);
-        let over_bytes = s.max_length_bytes.is_some_and(|max| st.ready_bytes + size > max);
+        let over_count = s
+            .max_length
+            .is_some_and(|max| st.ready.len as u64 + 1 > max);
+        let over_bytes = s
+            .max_length_bytes
+            .is_some_and(|max| st.ready_bytes + size > max);
         if (over_count || over_bytes) && s.overflow != Overflow::DropHead {
             return EnqueueOutcome::Rejected;
         }
@@ -298,16 +308,19 @@ impl Queue {
         let expires_at_ms = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
         let id = st.next_id;
         st.next_id += 1;
-        if let Some(key) = &s.last_value_key {
-            if let Some(value) = last_value_of(&message, key) {
-                if let Some(old) = st.last_value.insert(value, id) {
-                    if let Some(e) = st.ready.remove_id(old) {
-                        self.record_dequeue(st, &e, DequeueReason::Replaced);
-                    }
-                }
-            }
+        if let Some(key) = &s.last_value_key
+            && let Some(value) = last_value_of(&message, key)
+            && let Some(old) = st.last_value.insert(value, id)
+            && let Some(e) = st.ready.remove_id(old)
+        {
+            self.record_dequeue(st, &e, DequeueReason::Replaced);
         }
-        let entry = QueuedMessage { id, message, redelivered: false, expires_at_ms };
+        let entry = QueuedMessage {
+            id,
+            message,
+            redelivered: false,
+            expires_at_ms,
+        };
         st.ready_bytes += size;
         st.enqueued_total += 1;
         for o in &st.observers {
@@ -321,7 +334,9 @@ impl Queue {
         while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
             || s.max_length_bytes.is_some_and(|max| st.ready_bytes > max)
         {
-            let Some(e) = st.ready.pop_oldest_lowest() else { break };
+            let Some(e) = st.ready.pop_oldest_lowest() else {
+                break;
+            };
             st.ready_bytes -= e.message.body_size();
             self.record_dequeue(st, &e, DequeueReason::Overflow);
             left.dead.push((e, DequeueReason::Overflow));
@@ -332,12 +347,11 @@ impl Queue {
     /// The one place a message leaves the queue for good (ready or unacked).
     fn record_dequeue(&self, st: &mut QueueState, e: &QueuedMessage, reason: DequeueReason) {
         st.dequeued_total += 1;
-        if let Some(key) = &self.settings.last_value_key {
-            if let Some(v) = last_value_of(&e.message, key) {
-                if st.last_value.get(&v) == Some(&e.id) {
-                    st.last_value.remove(&v);
-                }
-            }
+        if let Some(key) = &self.settings.last_value_key
+            && let Some(v) = last_value_of(&e.message, key)
+            && st.last_value.get(&v) == Some(&e.id)
+        {
+            st.last_value.remove(&v);
         }
         for o in &st.observers {
             o.dequeued(self, e.id, reason);
@@ -382,7 +396,9 @@ impl Queue {
                 if !ls.has_credit(Some(&consumer), consumer.no_ack) {
                     continue;
                 }
-                let Some(entry) = self.pop_ready(st) else { break 'messages };
+                let Some(entry) = self.pop_ready(st) else {
+                    break 'messages;
+                };
                 if entry.expires_at_ms < now_ms {
                     drop(ls);
                     self.record_dequeue(st, &entry, DequeueReason::Expired);
@@ -396,7 +412,14 @@ impl Queue {
                     self.record_dequeue(st, &entry, DequeueReason::Consumed);
                 } else {
                     st.unacked_count += 1;
-                    ls.track(tag, Unacked { queue: self.clone(), entry, consumer: Some(consumer.clone()) });
+                    ls.track(
+                        tag,
+                        Unacked {
+                            queue: self.clone(),
+                            entry,
+                            consumer: Some(consumer.clone()),
+                        },
+                    );
                 }
                 st.next_consumer = (idx + 1) % n;
                 continue 'messages;
@@ -449,7 +472,14 @@ impl Queue {
                     } else {
                         st.unacked_count += 1;
                         // Arc<Self> is needed in Unacked; get() is always called on an Arc.
-                        ls.track(tag, Unacked { queue: self.clone(), entry, consumer: None });
+                        ls.track(
+                            tag,
+                            Unacked {
+                                queue: self.clone(),
+                                entry,
+                                consumer: None,
+                            },
+                        );
                     }
                     true
                 }
@@ -645,7 +675,13 @@ fn write_delivery(
                 message_count,
             ),
         }
-        hot::write_content(out, link.channel, m.raw_properties(), m.body(), link.frame_max);
+        hot::write_content(
+            out,
+            link.channel,
+            m.raw_properties(),
+            m.body(),
+            link.frame_max,
+        );
     });
 }
 
@@ -678,7 +714,11 @@ mod tests {
         for (k, v) in args {
             arguments.insert((*k).into(), v.clone());
         }
-        let d = QueueDeclare { name: "q".into(), arguments, ..Default::default() };
+        let d = QueueDeclare {
+            name: "q".into(),
+            arguments,
+            ..Default::default()
+        };
         b.declare_queue(1, &d).unwrap().queue
     }
 
@@ -770,7 +810,13 @@ mod tests {
     #[test]
     fn last_value_replaces_by_key() {
         let b = broker();
-        let q = queue(&b, &[("qpid.last_value_queue_key", AMQPValue::LongString("k".into()))]);
+        let q = queue(
+            &b,
+            &[(
+                "qpid.last_value_queue_key",
+                AMQPValue::LongString("k".into()),
+            )],
+        );
         let with_key = |body: &str, k: &str| {
             let mut t = FieldTable::default();
             t.insert("k".into(), AMQPValue::LongString(k.into()));
@@ -800,7 +846,11 @@ mod tests {
         let q0 = {
             let mut a = FieldTable::default();
             a.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
-            let d = QueueDeclare { name: "q0".into(), arguments: a, ..Default::default() };
+            let d = QueueDeclare {
+                name: "q0".into(),
+                arguments: a,
+                ..Default::default()
+            };
             b.declare_queue(1, &d).unwrap().queue
         };
         q0.enqueue(msg("gone", None), 5);
@@ -812,7 +862,15 @@ mod tests {
         let b = broker();
         let q = queue(&b, &[]);
         let (l, out) = link(0);
-        let c = Arc::new(Consumer::new("c".into(), l.clone(), q.clone(), false, false, 2, FieldTable::default()));
+        let c = Arc::new(Consumer::new(
+            "c".into(),
+            l.clone(),
+            q.clone(),
+            false,
+            false,
+            2,
+            FieldTable::default(),
+        ));
         q.add_consumer(c, 0, || {}).unwrap();
         for body in ["a", "b", "c", "d"] {
             q.enqueue(msg(body, None), 0);
@@ -820,7 +878,10 @@ mod tests {
         assert_eq!(delivered(&out), ["a", "b"]);
         let mut settled = Vec::new();
         l.lock().settle(1, false, &mut settled).unwrap();
-        q.settle(settled.into_iter().map(|u| u.entry).collect(), DequeueReason::Consumed);
+        q.settle(
+            settled.into_iter().map(|u| u.entry).collect(),
+            DequeueReason::Consumed,
+        );
         q.dispatch();
         assert_eq!(delivered(&out), ["c"]);
         assert_eq!(q.lock().message_count(), 1);
@@ -837,10 +898,16 @@ mod tests {
         let (l, _out) = link(0);
         assert!(q.get(&l, false, 0));
         q.purge();
-        assert!(b.message_memory_bytes() > 0, "the unacked message still counts");
+        assert!(
+            b.message_memory_bytes() > 0,
+            "the unacked message still counts"
+        );
         let mut settled = Vec::new();
         l.lock().settle(1, false, &mut settled).unwrap();
-        q.settle(settled.into_iter().map(|u| u.entry).collect(), DequeueReason::Consumed);
+        q.settle(
+            settled.into_iter().map(|u| u.entry).collect(),
+            DequeueReason::Consumed,
+        );
         assert_eq!(b.message_memory_bytes(), 0);
     }
 }

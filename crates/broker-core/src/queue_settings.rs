@@ -65,24 +65,32 @@ impl QueueSettings {
                 )));
             }
         }
-        if let Some(v) = fields::get(args, "x-queue-type") {
-            if fields::as_str(v) != Some("classic") {
-                return Err(AmqpError::precondition_failed(
-                    "x-queue-type: only 'classic' queues are implemented",
-                ));
-            }
+        if let Some(v) = fields::get(args, "x-queue-type")
+            && fields::as_str(v) != Some("classic")
+        {
+            return Err(AmqpError::precondition_failed(
+                "x-queue-type: only 'classic' queues are implemented",
+            ));
         }
         both_forms(args, "x-max-length", "qpid.max_count")?;
         both_forms(args, "x-max-length-bytes", "qpid.max_size")?;
         both_forms(args, "x-overflow", "qpid.policy_type")?;
         both_forms(args, "x-max-priority", "qpid.priorities")?;
 
-        let overflow = match (fields::get(args, "x-overflow"), fields::get(args, "qpid.policy_type")) {
+        let overflow = match (
+            fields::get(args, "x-overflow"),
+            fields::get(args, "qpid.policy_type"),
+        ) {
             (Some(v), _) => match fields::as_str(v) {
                 Some("drop-head") => Overflow::DropHead,
                 Some("reject-publish") => Overflow::RejectPublish,
                 Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-                _ => return Err(invalid("x-overflow", "drop-head, reject-publish or reject-publish-dlx")),
+                _ => {
+                    return Err(invalid(
+                        "x-overflow",
+                        "drop-head, reject-publish or reject-publish-dlx",
+                    ));
+                }
             },
             (None, Some(v)) => match fields::as_str(v) {
                 Some("ring") => Overflow::DropHead,
@@ -95,12 +103,15 @@ impl QueueSettings {
                 _ => return Err(invalid("qpid.policy_type", "reject or ring")),
             },
             // Qpid's default policy for its own limits is reject; RabbitMQ's is drop-head.
-            (None, None) if args.contains_key("qpid.max_count") || args.contains_key("qpid.max_size") => {
+            (None, None)
+                if args.contains_key("qpid.max_count") || args.contains_key("qpid.max_size") =>
+            {
                 Overflow::RejectPublish
             }
             (None, None) => Overflow::DropHead,
         };
-        let max_length = non_negative(args, "x-max-length")?.or(non_negative(args, "qpid.max_count")?);
+        let max_length =
+            non_negative(args, "x-max-length")?.or(non_negative(args, "qpid.max_count")?);
         let mut max_length_bytes =
             non_negative(args, "x-max-length-bytes")?.or(non_negative(args, "qpid.max_size")?);
         let mut overflow = overflow;
@@ -110,7 +121,10 @@ impl QueueSettings {
                 overflow = Overflow::RejectPublish;
             }
         }
-        let max_priority = match (non_negative(args, "x-max-priority")?, non_negative(args, "qpid.priorities")?) {
+        let max_priority = match (
+            non_negative(args, "x-max-priority")?,
+            non_negative(args, "qpid.priorities")?,
+        ) {
             (Some(p), _) if p <= 255 => Some(p as u8),
             (Some(_), _) => return Err(invalid("x-max-priority", "an integer from 0 to 255")),
             (None, Some(n)) if (1..=10).contains(&n) => Some((n - 1) as u8),
@@ -152,7 +166,9 @@ fn both_forms(args: &FieldTable, x: &str, qpid: &str) -> Result<(), AmqpError> {
 }
 
 fn invalid(name: &str, expected: &str) -> AmqpError {
-    AmqpError::precondition_failed(format!("invalid value for queue argument '{name}': expected {expected}"))
+    AmqpError::precondition_failed(format!(
+        "invalid value for queue argument '{name}': expected {expected}"
+    ))
 }
 
 fn non_negative(args: &FieldTable, name: &str) -> Result<Option<u64>, AmqpError> {
@@ -161,8 +177,12 @@ fn non_negative(args: &FieldTable, name: &str) -> Result<Option<u64>, AmqpError>
         // qpid-config sends numbers given with --argument as strings when int() fails; Qpid
         // accepts numeric strings for its own arguments, and so do we.
         Some(AMQPValue::LongString(_) | AMQPValue::ShortString(_)) if name.starts_with("qpid.") => {
-            let s = fields::get(args, name).and_then(fields::as_str).unwrap_or("");
-            s.parse::<u64>().map(Some).map_err(|_| invalid(name, "a non-negative integer"))
+            let s = fields::get(args, name)
+                .and_then(fields::as_str)
+                .unwrap_or("");
+            s.parse::<u64>()
+                .map(Some)
+                .map_err(|_| invalid(name, "a non-negative integer"))
         }
         Some(v) => match fields::as_i64(v) {
             Some(i) if i >= 0 => Ok(Some(i as u64)),
@@ -195,7 +215,10 @@ mod tests {
 
     #[test]
     fn both_forms_of_a_limit_are_refused() {
-        let a = args(&[("x-max-length", AMQPValue::LongInt(1)), ("qpid.max_count", AMQPValue::LongInt(1))]);
+        let a = args(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("qpid.max_count", AMQPValue::LongInt(1)),
+        ]);
         assert_eq!(QueueSettings::parse(&a, 0).unwrap_err().code, 406);
     }
 
@@ -203,9 +226,18 @@ mod tests {
     fn qpid_limits_default_to_reject_and_ring_is_drop_head() {
         let a = args(&[("qpid.max_count", AMQPValue::LongInt(5))]);
         let s = QueueSettings::parse(&a, 0).unwrap();
-        assert_eq!((s.max_length, s.overflow), (Some(5), Overflow::RejectPublish));
-        let a = args(&[("qpid.max_count", AMQPValue::LongInt(5)), ("qpid.policy_type", AMQPValue::LongString("ring".into()))]);
-        assert_eq!(QueueSettings::parse(&a, 0).unwrap().overflow, Overflow::DropHead);
+        assert_eq!(
+            (s.max_length, s.overflow),
+            (Some(5), Overflow::RejectPublish)
+        );
+        let a = args(&[
+            ("qpid.max_count", AMQPValue::LongInt(5)),
+            ("qpid.policy_type", AMQPValue::LongString("ring".into())),
+        ]);
+        assert_eq!(
+            QueueSettings::parse(&a, 0).unwrap().overflow,
+            Overflow::DropHead
+        );
     }
 
     #[test]
@@ -231,6 +263,9 @@ mod tests {
     #[test]
     fn default_queue_limit_applies_with_reject() {
         let s = QueueSettings::parse(&FieldTable::default(), 1000).unwrap();
-        assert_eq!((s.max_length_bytes, s.overflow), (Some(1000), Overflow::RejectPublish));
+        assert_eq!(
+            (s.max_length_bytes, s.overflow),
+            (Some(1000), Overflow::RejectPublish)
+        );
     }
 }

@@ -26,6 +26,8 @@ use crate::protocol::reply;
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much free space the read buffer gets before each read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// The largest write buffer a connection keeps between bursts.
+const WRITE_BUFFER_KEEP_BYTES: usize = 1024 * 1024;
 /// How long `run` waits for connections to finish closing at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -39,7 +41,12 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     for l in listeners {
-        tokio::spawn(accept_loop(broker.clone(), l, stop_rx.clone(), done_tx.clone()));
+        tokio::spawn(accept_loop(
+            broker.clone(),
+            l,
+            stop_rx.clone(),
+            done_tx.clone(),
+        ));
     }
     let sweeper = tokio::spawn(sweep_loop(broker.clone()));
     shutdown.await;
@@ -81,14 +88,24 @@ async fn accept_loop(
             }
         };
         let c = &broker.config;
-        let hard_cap = if c.max_connections == 0 { usize::MAX } else { c.max_connections + c.reserved_admin_connections };
+        let hard_cap = if c.max_connections == 0 {
+            usize::MAX
+        } else {
+            c.max_connections + c.reserved_admin_connections
+        };
         if broker.connections_total.load(Ordering::Acquire) >= hard_cap {
             tracing::warn!(target: "Network", "refusing connection from {peer}: {hard_cap} connections open (--max-connections plus the reserve)");
             drop(stream);
             continue;
         }
         broker.connections_total.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(serve(broker.clone(), stream, peer, stop.clone(), done.clone()));
+        tokio::spawn(serve(
+            broker.clone(),
+            stream,
+            peer,
+            stop.clone(),
+            done.clone(),
+        ));
     }
 }
 
@@ -170,7 +187,10 @@ async fn read_loop(
         if conn.phase() == Phase::Closing && closing_since.is_none() {
             closing_since = Some(Instant::now());
         }
-        if conn.phase() != Phase::Open && conn.phase() != Phase::Closing && Instant::now() > negotiate_deadline {
+        if conn.phase() != Phase::Open
+            && conn.phase() != Phase::Closing
+            && Instant::now() > negotiate_deadline
+        {
             tracing::info!(target: "Network", "connection {}: handshake not finished within --max-negotiate-time", conn.id);
             return Ok(());
         }
@@ -208,7 +228,11 @@ async fn read_loop(
 
 /// Blocks a publishing connection while the memory alarm is on (connection.blocked first, for
 /// clients that understand it).
-async fn wait_while_blocked(broker: &Arc<Broker>, conn: &mut Connection, stop: &mut watch::Receiver<bool>) {
+async fn wait_while_blocked(
+    broker: &Arc<Broker>,
+    conn: &mut Connection,
+    stop: &mut watch::Receiver<bool>,
+) {
     let mut alarm = broker.watch_memory_alarm();
     conn.send_blocked(true);
     tracing::info!(target: "Network", "connection {} blocked: memory high watermark", conn.id);
@@ -231,6 +255,11 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Arc<Outbound>, heartbeat: Arc<A
             }
             out.written(buf.len());
             buf.clear();
+            // A burst (a slow consumer catching up) may have grown the buffer; do not keep
+            // megabytes per idle connection.
+            if buf.capacity() > WRITE_BUFFER_KEEP_BYTES {
+                buf = Vec::with_capacity(READ_CHUNK_BYTES);
+            }
             last_write = Instant::now();
             continue;
         }

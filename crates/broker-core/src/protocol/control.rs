@@ -11,7 +11,9 @@ use super::hot::DecodeError;
 pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, ControlDecodeError> {
     match parse_class(payload) {
         Ok((rest, _)) if !rest.is_empty() => {
-            Err(ControlDecodeError::Decode(DecodeError::TrailingBytes { extra: rest.len() }))
+            Err(ControlDecodeError::Decode(DecodeError::TrailingBytes {
+                extra: rest.len(),
+            }))
         }
         Ok((_, class)) => Ok(class),
         Err(_) => Err(ControlDecodeError::Malformed),

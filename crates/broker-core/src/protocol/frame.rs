@@ -53,14 +53,20 @@ pub fn split_frame(buf: &[u8], frame_max: u32) -> Result<Option<(Frame<'_>, usiz
         return Ok(None);
     };
     let frame_type = header[0];
-    if !matches!(frame_type, FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT) {
+    if !matches!(
+        frame_type,
+        FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+    ) {
         return Err(FrameError::UnknownType { frame_type });
     }
     let channel = u16::from_be_bytes([header[1], header[2]]);
     let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
     let frame_size = u64::from(size) + FRAME_OVERHEAD as u64;
     if frame_max != 0 && frame_size > u64::from(frame_max) {
-        return Err(FrameError::TooLarge { frame_size, frame_max });
+        return Err(FrameError::TooLarge {
+            frame_size,
+            frame_max,
+        });
     }
     // frame_size fits in usize: it is at most frame_max (u32) or, with no limit, u32::MAX + 8,
     // and we only run on 64-bit targets where that fits.
@@ -72,7 +78,14 @@ pub fn split_frame(buf: &[u8], frame_max: u32) -> Result<Option<(Frame<'_>, usiz
     if end != FRAME_END {
         return Err(FrameError::BadFrameEnd { found: end });
     }
-    Ok(Some((Frame { frame_type, channel, payload: &buf[7..total - 1] }, total)))
+    Ok(Some((
+        Frame {
+            frame_type,
+            channel,
+            payload: &buf[7..total - 1],
+        },
+        total,
+    )))
 }
 
 /// Appends a frame header for a payload of `size` bytes; the caller writes the payload and then
@@ -100,7 +113,10 @@ mod tests {
             assert_eq!(split_frame(&frame[..cut], 4096), Ok(None), "cut at {cut}");
         }
         let (f, n) = split_frame(&frame, 4096).unwrap().unwrap();
-        assert_eq!((f.frame_type, f.channel, f.payload, n), (FRAME_HEARTBEAT, 0, &[][..], 8));
+        assert_eq!(
+            (f.frame_type, f.channel, f.payload, n),
+            (FRAME_HEARTBEAT, 0, &[][..], 8)
+        );
     }
 
     #[test]
@@ -108,7 +124,10 @@ mod tests {
         let header = [FRAME_BODY, 0, 1, 0xFF, 0xFF, 0xFF, 0xF0];
         assert_eq!(
             split_frame(&header, 131_072),
-            Err(FrameError::TooLarge { frame_size: 0xFFFF_FFF0 + 8, frame_max: 131_072 })
+            Err(FrameError::TooLarge {
+                frame_size: 0xFFFF_FFF0 + 8,
+                frame_max: 131_072
+            })
         );
         // Exactly frame_max is allowed.
         let mut frame = vec![FRAME_BODY, 0, 1, 0, 0, 0x0F, 0xF8];
@@ -116,13 +135,19 @@ mod tests {
         frame.push(FRAME_END);
         assert_eq!(frame.len(), 4096);
         assert!(split_frame(&frame, 4096).unwrap().is_some());
-        assert!(matches!(split_frame(&frame, 4095), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            split_frame(&frame, 4095),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn bad_end_and_type_are_errors() {
         let frame = [FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, 0x00];
-        assert_eq!(split_frame(&frame, 4096), Err(FrameError::BadFrameEnd { found: 0 }));
+        assert_eq!(
+            split_frame(&frame, 4096),
+            Err(FrameError::BadFrameEnd { found: 0 })
+        );
         assert_eq!(
             split_frame(b"GET / HTTP/1.1", 4096),
             Err(FrameError::UnknownType { frame_type: b'G' })

@@ -7,7 +7,9 @@
 //! amq-protocol is the oracle for all of this in the tests.
 
 use super::frame::write_frame_header;
-use super::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, FRAME_OVERHEAD, basic_method, class};
+use super::{
+    FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, FRAME_OVERHEAD, basic_method, class,
+};
 
 /// Why a hot-path payload could not be read. The connection answers with 502 (syntax error) or
 /// 501 (frame error) as the spec says for malformed method payloads.
@@ -117,7 +119,9 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes { extra: self.bytes.len() })
+            Err(DecodeError::TrailingBytes {
+                extra: self.bytes.len(),
+            })
         }
     }
 }
@@ -151,7 +155,12 @@ pub fn parse_publish(args: &[u8]) -> Result<Publish<'_>, DecodeError> {
     let routing_key = r.short_str("routing-key")?;
     let bits = r.u8("bits")?;
     r.finish()?;
-    Ok(Publish { exchange, routing_key, mandatory: bits & 1 != 0, immediate: bits & 2 != 0 })
+    Ok(Publish {
+        exchange,
+        routing_key,
+        mandatory: bits & 1 != 0,
+        immediate: bits & 2 != 0,
+    })
 }
 
 /// basic.ack (from a consumer), basic.nack and basic.reject, in one shape.
@@ -171,7 +180,11 @@ pub fn parse_ack(args: &[u8]) -> Result<Settle, DecodeError> {
     let delivery_tag = r.u64("delivery-tag")?;
     let bits = r.u8("bits")?;
     r.finish()?;
-    Ok(Settle { delivery_tag, multiple: bits & 1 != 0, requeue: false })
+    Ok(Settle {
+        delivery_tag,
+        multiple: bits & 1 != 0,
+        requeue: false,
+    })
 }
 
 /// Parses basic.nack arguments.
@@ -180,7 +193,11 @@ pub fn parse_nack(args: &[u8]) -> Result<Settle, DecodeError> {
     let delivery_tag = r.u64("delivery-tag")?;
     let bits = r.u8("bits")?;
     r.finish()?;
-    Ok(Settle { delivery_tag, multiple: bits & 1 != 0, requeue: bits & 2 != 0 })
+    Ok(Settle {
+        delivery_tag,
+        multiple: bits & 1 != 0,
+        requeue: bits & 2 != 0,
+    })
 }
 
 /// Parses basic.reject arguments.
@@ -189,7 +206,11 @@ pub fn parse_reject(args: &[u8]) -> Result<Settle, DecodeError> {
     let delivery_tag = r.u64("delivery-tag")?;
     let bits = r.u8("bits")?;
     r.finish()?;
-    Ok(Settle { delivery_tag, multiple: false, requeue: bits & 1 != 0 })
+    Ok(Settle {
+        delivery_tag,
+        multiple: false,
+        requeue: bits & 1 != 0,
+    })
 }
 
 /// Property flag bits of the basic class, in wire order.
@@ -262,7 +283,11 @@ pub fn parse_content_header(payload: &[u8]) -> Result<ContentHeader<'_>, DecodeE
         return Err(DecodeError::BadContentHeader { class_id, flags });
     }
     let summary = summarize_properties(raw_properties)?;
-    Ok(ContentHeader { body_size, raw_properties, summary })
+    Ok(ContentHeader {
+        body_size,
+        raw_properties,
+        summary,
+    })
 }
 
 /// Walks raw properties (flags word plus list) and checks that they are well formed.
@@ -325,7 +350,9 @@ pub const FIELD_TABLE_DEPTH_MAX: usize = 32;
 /// properties forwarded verbatim can be parsed by every consumer. Allocates nothing.
 pub fn check_field_table(table: &[u8], depth: usize) -> Result<(), DecodeError> {
     if depth > FIELD_TABLE_DEPTH_MAX {
-        return Err(DecodeError::Malformed { field: "headers (nested too deeply)" });
+        return Err(DecodeError::Malformed {
+            field: "headers (nested too deeply)",
+        });
     }
     let mut r = Reader::new(table);
     while !r.rest().is_empty() {
@@ -350,13 +377,17 @@ fn check_field_value(r: &mut Reader<'_>, depth: usize) -> Result<(), DecodeError
             let mut items = Reader::new(r.long_bytes(F)?);
             while !items.rest().is_empty() {
                 if depth + 1 > FIELD_TABLE_DEPTH_MAX {
-                    return Err(DecodeError::Malformed { field: "headers (nested too deeply)" });
+                    return Err(DecodeError::Malformed {
+                        field: "headers (nested too deeply)",
+                    });
                 }
                 check_field_value(&mut items, depth + 1)?;
             }
             Ok(())
         }
-        _ => Err(DecodeError::Malformed { field: "headers (unknown field type)" }),
+        _ => Err(DecodeError::Malformed {
+            field: "headers (unknown field type)",
+        }),
     }
 }
 
@@ -446,7 +477,13 @@ pub fn write_ack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: b
 }
 
 /// Appends a basic.nack method frame (a negative publisher confirm).
-pub fn write_nack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: bool, requeue: bool) {
+pub fn write_nack(
+    out: &mut Vec<u8>,
+    channel: u16,
+    delivery_tag: u64,
+    multiple: bool,
+    requeue: bool,
+) {
     method_frame(out, channel, basic_method::NACK, |out| {
         out.extend_from_slice(&delivery_tag.to_be_bytes());
         out.push(u8::from(multiple) | (u8::from(requeue) << 1));
@@ -479,7 +516,11 @@ pub fn write_content(
 
 /// The largest body payload one frame can carry under `frame_max` (0 = no limit).
 pub fn max_body_per_frame(frame_max: u32) -> usize {
-    if frame_max == 0 { u32::MAX as usize } else { frame_max as usize - FRAME_OVERHEAD }
+    if frame_max == 0 {
+        u32::MAX as usize
+    } else {
+        frame_max as usize - FRAME_OVERHEAD
+    }
 }
 
 /// How many bytes `write_deliver` plus `write_content` append, to reserve once.
@@ -491,7 +532,8 @@ pub fn delivery_size_hint(
     body_len: usize,
     frame_max: u32,
 ) -> usize {
-    let method = 8 + 4 + 1 + consumer_tag.len() + 8 + 1 + 1 + exchange.len() + 1 + routing_key.len();
+    let method =
+        8 + 4 + 1 + consumer_tag.len() + 8 + 1 + 1 + exchange.len() + 1 + routing_key.len();
     let header = 8 + 12 + raw_properties.len();
     let frames = body_len.div_ceil(max_body_per_frame(frame_max));
     method + header + body_len + frames * FRAME_OVERHEAD
@@ -506,14 +548,22 @@ mod tests {
         let args = [0, 0, 1, b'x', 2, b'r', b'k', 1];
         assert_eq!(
             parse_publish(&args),
-            Ok(Publish { exchange: "x", routing_key: "rk", mandatory: true, immediate: false })
+            Ok(Publish {
+                exchange: "x",
+                routing_key: "rk",
+                mandatory: true,
+                immediate: false
+            })
         );
         for cut in 0..args.len() {
             assert!(parse_publish(&args[..cut]).is_err(), "cut at {cut}");
         }
         let mut long = args.to_vec();
         long.push(0);
-        assert_eq!(parse_publish(&long), Err(DecodeError::TrailingBytes { extra: 1 }));
+        assert_eq!(
+            parse_publish(&long),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        );
     }
 
     #[test]
