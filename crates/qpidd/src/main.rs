@@ -80,9 +80,13 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 
 /// The users the broker authenticates against.
 // Wired by the auth module: `broker_core::store::users_file::load(<data-dir>/users)`.
+/// The users: `<data-dir>/users` (created with the default guest when missing), or only the
+/// built-in guest with `--no-data-dir`.
 fn load_users(options: &Options) -> anyhow::Result<UserDb> {
-    let _ = options;
-    Ok(UserDb::default())
+    match &options.data_dir {
+        Some(dir) => Ok(broker_core::store::users_file::load(&dir.join("users"))?),
+        None => Ok(UserDb::with_default_guest()),
+    }
 }
 
 /// `--daemon`, parent side: start the background broker, print its port, exit.

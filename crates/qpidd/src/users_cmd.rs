@@ -8,6 +8,8 @@ use std::io::{self, BufRead};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use broker_core::auth::{AuthError, Tag};
+use broker_core::store::users_file::{self, UsersFileError};
 
 use crate::options::Options;
 
@@ -36,40 +38,42 @@ fn user_name(options: &Options) -> anyhow::Result<&str> {
     options.user_name.as_deref().context("no user name given")
 }
 
-/// `--user-add NAME [--user-tags TAGS]`: adds or replaces the user, with the password read
-/// from stdin.
+/// `--user-add NAME [--user-tags TAGS]`: adds the user, or replaces the password and tags of
+/// an existing one (so provisioning scripts can run it again), with the password read from the
+/// first line of stdin.
 pub fn user_add(options: &Options) -> anyhow::Result<()> {
     let path = users_file(options)?;
     let name = user_name(options)?;
+    let tags = Tag::parse_all(&options.user_tags)?;
     let password = read_password(io::stdin().lock())?;
-    let tags = &options.user_tags;
-    // wired by the auth module
-    let _ = (name, password, tags);
-    not_wired(path)
+    match users_file::add_user(&path, name, &password, &tags) {
+        Err(UsersFileError::User(AuthError::UserExists(_))) => {
+            users_file::set_password(&path, name, &password)?;
+            users_file::set_tags(&path, name, &tags)?;
+            eprintln!("user '{name}' updated in {}", path.display());
+        }
+        Err(e) => return Err(e.into()),
+        Ok(()) => eprintln!("user '{name}' added to {}", path.display()),
+    }
+    Ok(())
 }
 
 /// `--user-del NAME`: deletes the user.
 pub fn user_del(options: &Options) -> anyhow::Result<()> {
     let path = users_file(options)?;
     let name = user_name(options)?;
-    // wired by the auth module
-    let _ = name;
-    not_wired(path)
+    users_file::delete_user(&path, name)?;
+    eprintln!("user '{name}' deleted from {}", path.display());
+    Ok(())
 }
 
-/// `--user-list`: prints one user a line with its tags.
+/// `--user-list`: prints one user a line: the name, a tab, the tags separated by commas.
 pub fn user_list(options: &Options) -> anyhow::Result<()> {
     let path = users_file(options)?;
-    // wired by the auth module
-    not_wired(path)
-}
-
-/// Until the auth module's users-file functions are called above.
-fn not_wired(path: PathBuf) -> anyhow::Result<()> {
-    bail!(
-        "user management is not available in this build (users file {})",
-        path.display()
-    )
+    for (name, tags) in users_file::list_users(&path)? {
+        println!("{name}\t{}", tags.join(","));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
