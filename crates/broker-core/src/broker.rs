@@ -32,6 +32,9 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
     ("amq.match", ExchangeKind::Headers),
 ];
 
+/// How many alternate exchanges one unroutable message may pass through.
+pub const ALTERNATE_EXCHANGE_HOPS_MAX: usize = 8;
+
 /// A running broker's shared state.
 #[derive(Debug)]
 pub struct Broker {
@@ -480,6 +483,19 @@ impl Broker {
             )));
         }
         e.route(routing_key, message, out);
+        // Unroutable: follow alternate exchanges (RabbitMQ's and Qpid's `alternate-exchange`),
+        // a bounded number of hops so that a cycle of alternates ends.
+        let mut current = e;
+        for _ in 0..ALTERNATE_EXCHANGE_HOPS_MAX {
+            if !out.is_empty() {
+                break;
+            }
+            let Some(next) = current.alternate.as_deref().and_then(|n| self.exchange(n)) else {
+                break;
+            };
+            next.route(routing_key, message, out);
+            current = next;
+        }
         Ok(())
     }
 
@@ -820,4 +836,96 @@ fn rebuild_without_expiration(p: AMQPProperties) -> AMQPProperties {
 fn encode_properties(p: &AMQPProperties) -> Option<Vec<u8>> {
     let ctx = gen_properties(p)(WriteContext::from(Vec::new())).ok()?;
     Some(ctx.into_inner().0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(b: &Broker, name: &str, kind: &str, alternate: Option<&str>) {
+        let mut arguments = FieldTable::default();
+        if let Some(a) = alternate {
+            arguments.insert("alternate-exchange".into(), AMQPValue::LongString(a.into()));
+        }
+        let d = ExchangeDeclare {
+            name: name.into(),
+            kind: kind.into(),
+            arguments,
+            ..Default::default()
+        };
+        b.declare_exchange(&d).unwrap();
+    }
+
+    #[test]
+    fn unroutable_messages_follow_the_alternate_exchange_and_cycles_end() {
+        let b = Broker::new(BrokerConfig::default(), UserDb::default());
+        exchange(&b, "x", "direct", Some("ae"));
+        exchange(&b, "ae", "fanout", None);
+        b.declare_queue(
+            1,
+            &QueueDeclare {
+                name: "unrouted".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        b.bind(1, "unrouted", "ae", "", &FieldTable::default())
+            .unwrap();
+        let m = Message::new("x", "nowhere", &[0, 0], b"m").unwrap();
+        let mut out = Vec::new();
+        b.route("x", "nowhere", &m, &mut out).unwrap();
+        assert_eq!(
+            out.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+            ["unrouted"]
+        );
+
+        exchange(&b, "c1", "direct", Some("c2"));
+        exchange(&b, "c2", "direct", Some("c1"));
+        let mut out = Vec::new();
+        b.route("c1", "k", &m, &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn redeclare_with_other_properties_is_406_and_reserved_names_403() {
+        let b = Broker::new(BrokerConfig::default(), UserDb::default());
+        b.declare_queue(
+            1,
+            &QueueDeclare {
+                name: "q".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e = b.declare_queue(
+            1,
+            &QueueDeclare {
+                name: "q".into(),
+                durable: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.unwrap_err().code, 406);
+        let e = b.declare_queue(
+            1,
+            &QueueDeclare {
+                name: "amq.q".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.unwrap_err().code, 403);
+        exchange(&b, "x", "topic", None);
+        let d = ExchangeDeclare {
+            name: "x".into(),
+            kind: "fanout".into(),
+            ..Default::default()
+        };
+        assert_eq!(b.declare_exchange(&d).unwrap_err().code, 406);
+        let d = ExchangeDeclare {
+            name: "x".into(),
+            kind: "bogus".into(),
+            ..Default::default()
+        };
+        assert_eq!(b.declare_exchange(&d).unwrap_err().code, 503);
+    }
 }

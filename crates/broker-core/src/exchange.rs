@@ -85,6 +85,8 @@ pub struct Exchange {
     pub internal: bool,
     /// Declare arguments as the client gave them.
     pub arguments: FieldTable,
+    /// The `alternate-exchange` argument: where messages that match no binding go.
+    pub alternate: Option<String>,
     bindings: RwLock<Bindings>,
     ever_bound: AtomicBool,
 }
@@ -105,6 +107,9 @@ impl Exchange {
             durable,
             auto_delete,
             internal,
+            alternate: fields::get(&arguments, "alternate-exchange")
+                .and_then(fields::as_str)
+                .map(str::to_string),
             arguments,
             bindings: RwLock::new(Bindings::default()),
             ever_bound: AtomicBool::new(false),
