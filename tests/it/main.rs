@@ -1,2 +1,11 @@
-//! Integration tests: real brokers, real clients.
-mod smoke;
+//! Integration tests: each starts real `qpidd` processes (through `integration_tests::TestBroker`)
+//! and judges them with a real client (lapin) or a raw socket, one module per area.
+
+mod t10_connection;
+mod t20_exchanges;
+mod t30_queues;
+mod t40_basic;
+mod t50_confirms_tx;
+mod t60_limits;
+mod t70_bad_input;
+mod t80_daemon;

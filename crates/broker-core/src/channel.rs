@@ -574,11 +574,17 @@ impl Channel {
                 Ok(())
             }
             basic::AMQPMethod::Recover(r) => {
-                self.recover(r.requeue)?;
+                if !r.requeue {
+                    return Err(AmqpError::not_implemented(
+                        "basic.recover with requeue=false",
+                    ));
+                }
+                // recover-ok first: clients drop deliveries buffered before it (lapin does),
+                // so the redeliveries must follow it.
                 self.reply(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(
                     basic::RecoverOk {},
                 )));
-                Ok(())
+                self.recover(true)
             }
             basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
             _ => Err(AmqpError::command_invalid(
