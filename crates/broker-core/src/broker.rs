@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
-use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
@@ -520,7 +520,7 @@ impl Broker {
                 .dead_letter_routing_key
                 .as_deref()
                 .unwrap_or(m.routing_key());
-            let Some(dead_message) = with_x_death(m, &queue.name, reason_text, key) else {
+            let Some(dead_message) = with_x_death(m, &queue.name, reason_text, dlx, key) else {
                 continue;
             };
             targets.clear();
@@ -716,7 +716,13 @@ pub fn server_generated_name(prefix: &str) -> String {
 /// The message as dead-lettered: an `x-death` entry added (or its count raised) and the
 /// `x-first-death-*` headers set as RabbitMQ does, the expiration removed (kept in the entry as
 /// `original-expiration`), published to the dead-letter exchange with `routing_key`.
-fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Option<Message> {
+fn with_x_death(
+    m: &Message,
+    queue: &str,
+    reason: &str,
+    dead_letter_exchange: &str,
+    routing_key: &str,
+) -> Option<Message> {
     let (_, mut props) = parse_properties(m.raw_properties()).ok()?;
     let mut headers = props.headers().clone().unwrap_or_default();
     let time = SystemTime::now()
@@ -788,8 +794,7 @@ fn with_x_death(m: &Message, queue: &str, reason: &str, routing_key: &str) -> Op
     );
     props = rebuild_without_expiration(props).with_headers(headers);
     let raw = encode_properties(&props)?;
-    let exchange = ShortString::try_new(m.exchange().to_string()).ok()?;
-    Message::new(exchange.as_str(), routing_key, &raw, m.body()).ok()
+    Message::new(dead_letter_exchange, routing_key, &raw, m.body()).ok()
 }
 
 fn rebuild_without_expiration(p: AMQPProperties) -> AMQPProperties {

@@ -135,8 +135,8 @@ impl QueueSettings {
         if expires_ms == Some(0) {
             return Err(invalid("x-expires", "a positive integer"));
         }
-        let dead_letter_exchange = string(args, "x-dead-letter-exchange")?;
-        let dead_letter_routing_key = string(args, "x-dead-letter-routing-key")?;
+        let dead_letter_exchange = short_string(args, "x-dead-letter-exchange")?;
+        let dead_letter_routing_key = short_string(args, "x-dead-letter-routing-key")?;
         if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
             return Err(AmqpError::precondition_failed(
                 "x-dead-letter-routing-key given without x-dead-letter-exchange",
@@ -188,6 +188,14 @@ fn non_negative(args: &FieldTable, name: &str) -> Result<Option<u64>, AmqpError>
             Some(i) if i >= 0 => Ok(Some(i as u64)),
             _ => Err(invalid(name, "a non-negative integer")),
         },
+    }
+}
+
+/// A string that will be used as an exchange name or routing key: at most 255 bytes.
+fn short_string(args: &FieldTable, name: &str) -> Result<Option<String>, AmqpError> {
+    match string(args, name)? {
+        Some(s) if s.len() > 255 => Err(invalid(name, "a string of at most 255 bytes")),
+        other => Ok(other),
     }
 }
 
@@ -249,6 +257,10 @@ mod tests {
             args(&[("x-overflow", AMQPValue::LongString("sideways".into()))]),
             args(&[("x-max-priority", AMQPValue::LongInt(256))]),
             args(&[("x-expires", AMQPValue::LongInt(0))]),
+            args(&[(
+                "x-dead-letter-exchange",
+                AMQPValue::LongString("x".repeat(256).into()),
+            )]),
         ] {
             assert_eq!(QueueSettings::parse(&a, 0).unwrap_err().code, 406, "{a:?}");
         }
