@@ -14,7 +14,7 @@ use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::broker::Broker;
-use crate::delivery::{ChannelLink, Consumer, Unacked};
+use crate::delivery::{ChannelLink, Consumer, LinkState, Unacked};
 use crate::error::AmqpError;
 use crate::fields;
 use crate::message::Message;
@@ -392,7 +392,7 @@ impl Queue {
                     link.out.wait_for_drain(self);
                     continue;
                 }
-                let mut ls = link.lock();
+                let ls = link.lock();
                 if !ls.has_credit(Some(&consumer), consumer.no_ack) {
                     continue;
                 }
@@ -405,26 +405,44 @@ impl Queue {
                     left.dead.push((entry, DequeueReason::Expired));
                     continue 'messages;
                 }
-                let tag = ls.next_tag();
-                write_delivery(link, Some(&consumer.tag), tag, &entry, 0);
-                if consumer.no_ack {
-                    drop(ls);
-                    self.record_dequeue(st, &entry, DequeueReason::Consumed);
-                } else {
-                    st.unacked_count += 1;
-                    ls.track(
-                        tag,
-                        Unacked {
-                            queue: self.clone(),
-                            entry,
-                            consumer: Some(consumer.clone()),
-                        },
-                    );
-                }
+                self.hand_over(st, ls, link, Some(&consumer), consumer.no_ack, entry);
                 st.next_consumer = (idx + 1) % n;
                 continue 'messages;
             }
             break;
+        }
+    }
+
+    /// Sends `entry` on `link` (basic.deliver to `consumer`, or basic.get-ok) and either settles
+    /// it (no-ack) or records it as unacked on the channel.
+    fn hand_over(
+        self: &Arc<Self>,
+        st: &mut QueueState,
+        mut ls: MutexGuard<'_, LinkState>,
+        link: &ChannelLink,
+        consumer: Option<&Arc<Consumer>>,
+        no_ack: bool,
+        entry: QueuedMessage,
+    ) {
+        let tag = ls.next_tag();
+        write_delivery(
+            link,
+            consumer.map(|c| c.tag.as_str()),
+            tag,
+            &entry,
+            st.ready.len as u32,
+        );
+        if no_ack {
+            drop(ls);
+            self.record_dequeue(st, &entry, DequeueReason::Consumed);
+        } else {
+            st.unacked_count += 1;
+            let unacked = Unacked {
+                queue: self.clone(),
+                entry,
+                consumer: consumer.cloned(),
+            };
+            ls.track(tag, unacked);
         }
     }
 
@@ -462,25 +480,8 @@ impl Queue {
             match self.pop_ready(&mut st) {
                 None => false,
                 Some(entry) => {
-                    let mut ls = link.lock();
-                    let tag = ls.next_tag();
-                    let remaining = st.ready.len as u32;
-                    write_delivery(link, None, tag, &entry, remaining);
-                    if no_ack {
-                        drop(ls);
-                        self.record_dequeue(&mut st, &entry, DequeueReason::Consumed);
-                    } else {
-                        st.unacked_count += 1;
-                        // Arc<Self> is needed in Unacked; get() is always called on an Arc.
-                        ls.track(
-                            tag,
-                            Unacked {
-                                queue: self.clone(),
-                                entry,
-                                consumer: None,
-                            },
-                        );
-                    }
+                    let ls = link.lock();
+                    self.hand_over(&mut st, ls, link, None, no_ack, entry);
                     true
                 }
             }

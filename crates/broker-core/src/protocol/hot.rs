@@ -174,43 +174,32 @@ pub struct Settle {
     pub requeue: bool,
 }
 
-/// Parses basic.ack arguments.
+/// The three settle methods: the delivery tag, then one octet of bits whose meaning differs.
+fn parse_settle(args: &[u8], multiple_bit: u8, requeue_bit: u8) -> Result<Settle, DecodeError> {
+    let mut r = Reader::new(args);
+    let delivery_tag = r.u64("delivery-tag")?;
+    let bits = r.u8("bits")?;
+    r.finish()?;
+    Ok(Settle {
+        delivery_tag,
+        multiple: bits & multiple_bit != 0,
+        requeue: bits & requeue_bit != 0,
+    })
+}
+
+/// Parses basic.ack arguments (bit 0: multiple).
 pub fn parse_ack(args: &[u8]) -> Result<Settle, DecodeError> {
-    let mut r = Reader::new(args);
-    let delivery_tag = r.u64("delivery-tag")?;
-    let bits = r.u8("bits")?;
-    r.finish()?;
-    Ok(Settle {
-        delivery_tag,
-        multiple: bits & 1 != 0,
-        requeue: false,
-    })
+    parse_settle(args, 1, 0)
 }
 
-/// Parses basic.nack arguments.
+/// Parses basic.nack arguments (bit 0: multiple, bit 1: requeue).
 pub fn parse_nack(args: &[u8]) -> Result<Settle, DecodeError> {
-    let mut r = Reader::new(args);
-    let delivery_tag = r.u64("delivery-tag")?;
-    let bits = r.u8("bits")?;
-    r.finish()?;
-    Ok(Settle {
-        delivery_tag,
-        multiple: bits & 1 != 0,
-        requeue: bits & 2 != 0,
-    })
+    parse_settle(args, 1, 2)
 }
 
-/// Parses basic.reject arguments.
+/// Parses basic.reject arguments (bit 0: requeue).
 pub fn parse_reject(args: &[u8]) -> Result<Settle, DecodeError> {
-    let mut r = Reader::new(args);
-    let delivery_tag = r.u64("delivery-tag")?;
-    let bits = r.u8("bits")?;
-    r.finish()?;
-    Ok(Settle {
-        delivery_tag,
-        multiple: false,
-        requeue: bits & 1 != 0,
-    })
+    parse_settle(args, 0, 1)
 }
 
 /// Property flag bits of the basic class, in wire order.
