@@ -266,6 +266,8 @@ pub fn run(args: &[String]) -> Result<bool> {
     ensure!(!selected.is_empty(), "--only matched no scenario\n{USAGE}");
     let machine = machine_info();
     println!("==> [bench] machine: {}", machine.to_text());
+    let source = source_version(&root);
+    println!("==> [bench] source: {source}");
 
     let mut results = Vec::new();
     let mut misbehaved = Vec::new();
@@ -339,6 +341,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         ("unix_time".into(), Json::Num(stamp as f64)),
         ("elapsed_s".into(), Json::Num(elapsed)),
         ("machine".into(), machine.to_json()),
+        ("source".into(), Json::Str(source)),
         ("runs".into(), Json::Num(opts.runs as f64)),
         ("warmup_s".into(), Json::Num(opts.warmup)),
         ("seconds".into(), Json::Num(opts.seconds)),
@@ -789,6 +792,26 @@ fn children(parent: u32) -> Vec<u32> {
                 == Some(parent)
         })
         .collect()
+}
+
+/// The commit the binaries were built from, and how many files differed from it.
+fn source_version(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain"]).map_or(0, |s| s.lines().count());
+    format!(
+        "commit {} ({dirty} files changed or untracked)",
+        commit.trim()
+    )
 }
 
 /// The machine, for the report.

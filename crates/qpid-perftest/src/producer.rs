@@ -1,0 +1,306 @@
+//! Raw producers. Each runs on its own OS thread with a current-thread tokio runtime (so a
+//! rate-limited producer can sleep precisely with `std::thread::sleep` without holding up
+//! anyone else), fills a reused buffer with copies of a [`PublishTemplate`] (only the stamp is
+//! patched per message) up to `--batch-bytes`, and writes it in one call. With confirms, a
+//! reader task on the same runtime applies basic.ack / basic.nack to a [`ConfirmTracker`] and
+//! the writer never has more than the window outstanding.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, confirm};
+use anyhow::bail;
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::Notify;
+
+use crate::frames::{
+    BASIC_ACK, BASIC_NACK, FRAME_METHOD, PublishTemplate, Stamp, method_ids, parse_ack_nack,
+};
+use crate::raw_conn::{
+    CHANNEL, FrameReader, RawConn, Target, check_close, encode_method, parse_method,
+};
+use crate::shared::{Phase, Shared};
+use crate::tracking::ConfirmTracker;
+
+/// What one producer does.
+#[derive(Debug, Clone)]
+pub struct ProducerPlan {
+    /// Producer id, stamped in the bodies.
+    pub id: u16,
+    /// Routing key (the queue name; the default exchange is used).
+    pub routing_key: String,
+    /// Body size.
+    pub size: usize,
+    /// delivery-mode 2.
+    pub persistent: bool,
+    /// Confirm window (0 = no confirms).
+    pub confirm_window: u32,
+    /// This producer's rate in msgs/s (0 = as fast as possible).
+    pub rate: f64,
+    /// Offset of this producer's schedule, so that producers interleave.
+    pub schedule_offset_ns: u64,
+    /// Messages to send (None = until the run stops).
+    pub count: Option<u64>,
+    /// Bytes per socket write.
+    pub batch_bytes: usize,
+    /// How long to wait for the last confirms.
+    pub confirm_timeout: Duration,
+}
+
+/// What one producer did.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerResult {
+    /// Producer id.
+    pub id: u16,
+    /// Messages written (sequence numbers `0..sent`).
+    pub sent: u64,
+    /// Confirm state, when confirms were on.
+    pub confirms: Option<ConfirmTracker>,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+struct Confirms {
+    tracker: Mutex<ConfirmTracker>,
+    notify: Notify,
+}
+
+/// Starts a raw producer on its own thread.
+pub fn spawn(
+    target: Target,
+    plan: ProducerPlan,
+    shared: Arc<Shared>,
+) -> std::thread::JoinHandle<ProducerResult> {
+    std::thread::Builder::new()
+        .name(format!("producer-{}", plan.id))
+        .spawn(move || {
+            let mut result = ProducerResult {
+                id: plan.id,
+                ..Default::default()
+            };
+            if plan.rate > 0.0 {
+                // Sleep to within microseconds of each scheduled send.
+                let _ = nix::sys::prctl::set_timerslack(1_000);
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    result.error = Some(format!("tokio runtime: {e}"));
+                    return result;
+                }
+            };
+            if let Err(e) = rt.block_on(run(&target, &plan, &shared, &mut result)) {
+                result.error = Some(format!("producer {}: {e:#}", plan.id));
+            }
+            result
+        })
+        .expect("spawning a producer thread")
+}
+
+async fn run(
+    target: &Target,
+    plan: &ProducerPlan,
+    shared: &Shared,
+    result: &mut ProducerResult,
+) -> anyhow::Result<()> {
+    let mut conn = RawConn::open(target, &format!("perftest-producer-{}", plan.id)).await?;
+    let confirms = if plan.confirm_window > 0 {
+        match conn
+            .call(
+                CHANNEL,
+                AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                    nowait: false,
+                })),
+            )
+            .await?
+        {
+            AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => {}
+            other => bail!("expected confirm.select-ok, got {other:?}"),
+        }
+        Some(Arc::new(Confirms {
+            tracker: Mutex::new(ConfirmTracker::new()),
+            notify: Notify::new(),
+        }))
+    } else {
+        None
+    };
+    let stamp = Stamp {
+        sent_ns: 0,
+        run: shared.run_tag,
+        producer: plan.id,
+        seq: 0,
+    };
+    let template = PublishTemplate::new(
+        CHANNEL,
+        "",
+        &plan.routing_key,
+        plan.size,
+        plan.persistent,
+        conn.frame_max,
+        stamp,
+    )?;
+    let RawConn {
+        reader, mut writer, ..
+    } = conn;
+    let reader_task = tokio::spawn(read_confirms(reader, confirms.clone()));
+
+    let per_batch = (plan.batch_bytes / template.len()).max(1) as u64;
+    let mut buf = Vec::with_capacity(per_batch as usize * template.len());
+    let limit = plan.count.unwrap_or(u64::MAX);
+    let window = u64::from(plan.confirm_window);
+    let interval_ns = if plan.rate > 0.0 {
+        1e9 / plan.rate
+    } else {
+        0.0
+    };
+    let t0 = shared.now_ns() + plan.schedule_offset_ns;
+    let mut seq: u64 = 0;
+    let mut failed = None;
+    'publish: while seq < limit && shared.phase() < Phase::StopPublishing {
+        if reader_task.is_finished() {
+            break;
+        }
+        let mut n = per_batch.min(limit - seq);
+        if let Some(c) = &confirms {
+            loop {
+                let out = c.tracker.lock().outstanding();
+                if out < window {
+                    n = n.min(window - out);
+                    break;
+                }
+                if reader_task.is_finished() || shared.phase() >= Phase::StopPublishing {
+                    break 'publish;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), c.notify.notified()).await;
+            }
+        }
+        if shared.over_backlog() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let now = shared.now_ns();
+        if plan.rate > 0.0 {
+            let due = if now < t0 {
+                0
+            } else {
+                ((now - t0) as f64 / interval_ns) as u64 + 1
+            };
+            if due <= seq {
+                let next = t0 + (seq as f64 * interval_ns) as u64;
+                let wait = Duration::from_nanos(next.saturating_sub(now));
+                if wait > Duration::from_millis(2) {
+                    tokio::time::sleep(wait - Duration::from_millis(1)).await;
+                } else {
+                    std::thread::sleep(wait);
+                }
+                continue;
+            }
+            n = n.min(due - seq);
+        }
+        buf.clear();
+        for k in seq..seq + n {
+            let ts = if plan.rate > 0.0 {
+                t0 + (k as f64 * interval_ns) as u64
+            } else {
+                now
+            };
+            template.append(&mut buf, ts, k as u32);
+        }
+        if let Some(c) = &confirms {
+            c.tracker.lock().published(n);
+        }
+        if let Err(e) = writer.write_all(&buf).await {
+            failed = Some(anyhow::Error::from(e).context("writing publishes"));
+            // The batch may be partly written: count it, its tail is reported lost/unconfirmed.
+            seq += n;
+            break;
+        }
+        seq += n;
+        shared.sent.fetch_add(n, Ordering::Relaxed);
+        if plan.rate > 0.0 {
+            // Let the confirm reader run between scheduled sends.
+            tokio::task::yield_now().await;
+        }
+    }
+    result.sent = seq;
+
+    // Collect the last confirms.
+    if let Some(c) = &confirms {
+        let deadline = tokio::time::Instant::now() + plan.confirm_timeout;
+        while failed.is_none()
+            && !reader_task.is_finished()
+            && c.tracker.lock().outstanding() > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(50), c.notify.notified()).await;
+        }
+        result.confirms = Some(c.tracker.lock().clone());
+    }
+    if failed.is_none() && !reader_task.is_finished() {
+        let close = encode_method(
+            0,
+            AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(
+                amq_protocol::protocol::connection::Close {
+                    reply_code: 200,
+                    reply_text: "bye".into(),
+                    class_id: 0,
+                    method_id: 0,
+                },
+            )),
+        )?;
+        let _ = writer.write_all(&close).await;
+    }
+    let reader_outcome = tokio::time::timeout(Duration::from_secs(2), reader_task).await;
+    if let Some(c) = &confirms {
+        result.confirms = Some(c.tracker.lock().clone());
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    match reader_outcome {
+        Ok(Ok(Err(e))) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Reads what the broker sends a producer: confirms, and errors.
+async fn read_confirms(
+    mut reader: FrameReader<OwnedReadHalf>,
+    confirms: Option<Arc<Confirms>>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut settled = false;
+        while let Some(f) = reader.next_frame()? {
+            if f.kind != FRAME_METHOD {
+                continue; // heartbeats; header and body of a basic.return
+            }
+            let ids = method_ids(f.payload);
+            match ids {
+                Some(BASIC_ACK) | Some(BASIC_NACK) => {
+                    let (tag, multiple) = parse_ack_nack(f.payload)?;
+                    let Some(c) = &confirms else {
+                        bail!("confirm received without confirm.select")
+                    };
+                    c.tracker
+                        .lock()
+                        .settle(tag, multiple, ids == Some(BASIC_NACK));
+                    settled = true;
+                }
+                Some((10, 51)) => return Ok(()), // connection.close-ok
+                _ => check_close(&parse_method(f.payload)?)?,
+            }
+        }
+        if settled && let Some(c) = &confirms {
+            c.notify.notify_one();
+        }
+        if reader.fill().await? == 0 {
+            bail!("broker closed the connection");
+        }
+    }
+}
