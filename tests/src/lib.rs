@@ -399,6 +399,7 @@ impl TestBrokerBuilder {
             first_stdout_line: first_line,
             stdout_rest,
             stderr: stderr.0,
+            stderr_reader: Some(stderr.1),
             exit_status: None,
             _temp_dir: temp_dir,
         })
@@ -413,6 +414,9 @@ pub struct TestBroker {
     first_stdout_line: String,
     stdout_rest: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The thread copying stderr; joined once the process has exited, so `log()` then holds
+    /// everything the broker wrote.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     exit_status: Option<ExitStatus>,
     _temp_dir: Option<TempDir>,
 }
@@ -525,6 +529,9 @@ impl TestBroker {
         match wait_child(&mut self.child, deadline) {
             Some(status) => {
                 self.exit_status = Some(status);
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 status
             }
             None => panic!("qpidd did not exit within {deadline:?}"),

@@ -6,9 +6,10 @@
 //! holds a link lock never takes a queue lock (acks collect what they settle, release the link,
 //! then visit the queues).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
@@ -23,10 +24,18 @@ pub const OUTBOUND_HIGH_WATER_BYTES: usize = 4 * 1024 * 1024;
 /// See `OUTBOUND_HIGH_WATER_BYTES`.
 pub const OUTBOUND_LOW_WATER_BYTES: usize = 1024 * 1024;
 
-/// A connection's outgoing bytes. Anyone may append frames; the connection's writer task swaps
-/// the buffer out and writes it with one syscall, so deliveries made while it writes are
-/// batched into the next write.
-#[derive(Debug, Default)]
+/// A connection's outgoing bytes. Anyone may append frames. They reach the socket in one of
+/// two ways, and never both at once (`OutboundBuf::writing`), so bytes go out in append order:
+///
+/// * inline: frames appended while a reader task handles a batch of frames (`run_batch`) are
+///   written by that task when the batch ends, with non-blocking writes. A publish read on one
+///   thread then reaches its consumer's socket without waking any other task, which is what
+///   keeps latency low;
+/// * by the connection's writer task, woken when bytes are appended outside a batch, or when an
+///   inline write could not finish (the socket buffer was full).
+///
+/// Either way, everything appended since the last write goes out in one syscall.
+#[derive(Default)]
 pub struct Outbound {
     buf: Mutex<OutboundBuf>,
     notify: Notify,
@@ -34,6 +43,19 @@ pub struct Outbound {
     pending_bytes: AtomicUsize,
     /// Queues that skipped a consumer of this connection because it was congested.
     waiting_queues: Mutex<Vec<Weak<Queue>>>,
+    /// A non-blocking write to the connection's socket, set by the I/O layer.
+    try_write: OnceLock<TryWrite>,
+}
+
+/// A non-blocking write: how many bytes the socket took, `WouldBlock` when none.
+pub type TryWrite = Box<dyn Fn(&[u8]) -> std::io::Result<usize> + Send + Sync>;
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("pending_bytes", &self.pending_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -42,11 +64,37 @@ struct OutboundBuf {
     closing: bool,
     /// The socket is gone: appended bytes are dropped instead of piling up.
     dead: bool,
+    /// Someone (the writer task or an inline flush) is writing taken bytes to the socket.
+    writing: bool,
+}
+
+thread_local! {
+    /// Outbounds that received bytes during the current batch on this thread.
+    static DEFERRED: RefCell<Option<Vec<Arc<Outbound>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `handle` (a batch of frames read in one go) and then writes, inline, everything it
+/// appended to any connection's outbound buffer.
+pub fn run_batch<R>(handle: impl FnOnce() -> R) -> R {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let r = handle();
+    let touched = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    let mut spare = Vec::new();
+    for out in touched {
+        out.flush_inline(&mut spare);
+    }
+    r
 }
 
 impl Outbound {
-    /// Appends frames with `write`, and wakes the writer if it was idle.
-    pub fn write<R>(&self, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    /// Sets the non-blocking write used for inline flushes.
+    pub fn set_try_write(&self, try_write: TryWrite) {
+        let _ = self.try_write.set(try_write);
+    }
+
+    /// Appends frames with `write`. Bytes appended to an idle buffer are flushed at the end of
+    /// the current batch, or, outside a batch, by waking the writer task.
+    pub fn write<R>(self: &Arc<Self>, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         let mut b = self.buf.lock();
         let before = b.bytes.len();
         let r = write(&mut b.bytes);
@@ -58,11 +106,56 @@ impl Outbound {
         drop(b);
         if added > 0 {
             self.pending_bytes.fetch_add(added, Ordering::Relaxed);
-            if before == 0 {
+            if before == 0 && !self.defer() {
                 self.notify.notify_one();
             }
         }
         r
+    }
+
+    /// Adds this buffer to the current batch's list, if a batch runs on this thread.
+    fn defer(self: &Arc<Self>) -> bool {
+        if self.try_write.get().is_none() {
+            return false;
+        }
+        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(list) => {
+                if !list.iter().any(|o| Arc::ptr_eq(o, self)) {
+                    list.push(self.clone());
+                }
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Writes what is queued with non-blocking writes; what the socket does not take is left
+    /// for the writer task, which is woken.
+    fn flush_inline(&self, spare: &mut Vec<u8>) {
+        let Some(try_write) = self.try_write.get() else {
+            self.notify.notify_one();
+            return;
+        };
+        spare.clear();
+        if self.begin_write(spare).is_none() {
+            // The writer task is writing; it looks for more when it finishes.
+            return;
+        }
+        let mut at = 0;
+        while at < spare.len() {
+            match try_write(&spare[at..]) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.mark_dead();
+                    break;
+                }
+            }
+        }
+        self.end_write(&spare[at..]);
+        self.written(at);
+        spare.clear();
     }
 
     /// Asks the writer to flush what is queued and then shut the socket down. Frames appended
@@ -79,23 +172,50 @@ impl Outbound {
         b.bytes.clear();
     }
 
-    /// Swaps the queued bytes into `spare` (which must be empty). Returns true if a close was
-    /// requested.
-    pub fn take(&self, spare: &mut Vec<u8>) -> bool {
+    /// Takes the queued bytes into `spare` (which must be empty) to write them, unless someone
+    /// else is writing (`None`). Returns whether a close was requested.
+    pub fn begin_write(&self, spare: &mut Vec<u8>) -> Option<bool> {
         debug_assert!(spare.is_empty());
         let mut b = self.buf.lock();
+        if b.writing {
+            return None;
+        }
         std::mem::swap(&mut b.bytes, spare);
-        b.closing
+        b.writing = !spare.is_empty();
+        Some(b.closing)
     }
 
-    /// Waits until something is appended or a close is requested.
+    /// Ends a write begun with `begin_write`; `unwritten` goes back in front of what was
+    /// appended since, and the writer task is woken if anything is left to do.
+    pub fn end_write(&self, unwritten: &[u8]) {
+        let mut b = self.buf.lock();
+        b.writing = false;
+        if !unwritten.is_empty() && !b.dead {
+            b.bytes.splice(0..0, unwritten.iter().copied());
+        }
+        let more = !b.bytes.is_empty() || b.closing;
+        drop(b);
+        if more {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Wakes the writer task (its heartbeat interval changed).
+    pub fn wake_writer(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Waits until something is appended, a write ends or a close is requested.
     pub async fn wait(&self) {
         self.notify.notified().await;
     }
 
-    /// Called by the writer after `n` bytes reached the socket. Wakes queues that were waiting
-    /// for this connection to drain.
+    /// Called after `n` bytes reached the socket. Wakes queues that were waiting for this
+    /// connection to drain.
     pub fn written(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         let left = self.pending_bytes.fetch_sub(n, Ordering::Relaxed) - n;
         if left < OUTBOUND_LOW_WATER_BYTES {
             let waiting = std::mem::take(&mut *self.waiting_queues.lock());
@@ -116,6 +236,11 @@ impl Outbound {
         if !w.iter().any(|x| x.as_ptr() == Arc::as_ptr(queue)) {
             w.push(Arc::downgrade(queue));
         }
+    }
+
+    /// Test support: takes everything queued, as a writer would.
+    pub fn take_for_test(&self) -> Vec<u8> {
+        std::mem::take(&mut self.buf.lock().bytes)
     }
 }
 

@@ -740,8 +740,7 @@ mod tests {
 
     /// The bodies of the deliveries written to `out`, in order.
     fn delivered(out: &Outbound) -> Vec<String> {
-        let mut bytes = Vec::new();
-        out.take(&mut bytes);
+        let bytes = out.take_for_test();
         let mut bodies = Vec::new();
         let mut at = 0;
         while let Ok(Some((f, n))) = split_frame(&bytes[at..], 0) {
