@@ -76,7 +76,18 @@ thread_local! {
 /// Runs `handle` (a batch of frames read in one go) and then writes, inline, everything it
 /// appended to any connection's outbound buffer.
 pub fn run_batch<R>(handle: impl FnOnce() -> R) -> R {
-    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let nested = DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        let nested = d.is_some();
+        if !nested {
+            *d = Some(Vec::new());
+        }
+        nested
+    });
+    if nested {
+        // The enclosing batch flushes what this one appends.
+        return handle();
+    }
     let r = handle();
     let touched = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
     let mut spare = Vec::new();
