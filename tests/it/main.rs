@@ -9,3 +9,4 @@ mod t50_confirms_tx;
 mod t60_limits;
 mod t70_bad_input;
 mod t80_daemon;
+mod t90_mgmt;

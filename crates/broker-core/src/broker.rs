@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use parking_lot::RwLock;
+use parking_lot::{ReentrantMutex, ReentrantMutexGuard, RwLock};
 use tokio::sync::watch;
 
 use crate::auth::UserDb;
@@ -19,6 +19,8 @@ use crate::error::AmqpError;
 use crate::exchange::{Exchange, ExchangeKind};
 use crate::fields;
 use crate::message::Message;
+use crate::mgmt::events::{BindingEvent, SubscriptionEvent};
+use crate::mgmt::{Event, Management};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
 use crate::queue_settings::QueueSettings;
 
@@ -30,6 +32,8 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
     ("amq.topic", ExchangeKind::Topic),
     ("amq.headers", ExchangeKind::Headers),
     ("amq.match", ExchangeKind::Headers),
+    (crate::mgmt::REQUEST_EXCHANGE, ExchangeKind::Direct),
+    (crate::mgmt::EVENT_EXCHANGE, ExchangeKind::Topic),
 ];
 
 /// How many alternate exchanges one unroutable message may pass through.
@@ -53,6 +57,12 @@ pub struct Broker {
     message_memory_bytes: AtomicU64,
     memory_alarm_on: AtomicBool,
     memory_alarm: watch::Sender<bool>,
+    /// The management agent's state.
+    pub mgmt: Management,
+    /// Serialises configuration changes with their events, so that events are numbered and
+    /// published in the order the changes took effect. Re-entrant: a change may cause others
+    /// (a queue deletion auto-deletes an exchange). Taken before any other lock.
+    config_lock: ReentrantMutex<()>,
     self_ref: Weak<Broker>,
 }
 
@@ -132,9 +142,28 @@ impl Broker {
                 message_memory_bytes: AtomicU64::new(0),
                 memory_alarm_on: AtomicBool::new(false),
                 memory_alarm: alarm,
+                mgmt: Management::default(),
+                config_lock: ReentrantMutex::new(()),
                 self_ref: me.clone(),
             }
         })
+    }
+
+    /// How long the broker has run.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Holds configuration changes back while the caller makes one and emits its event
+    /// (`consume` and `cancel` in the channel take it too).
+    pub fn config_guard(&self) -> ReentrantMutexGuard<'_, ()> {
+        self.config_lock.lock()
+    }
+
+    /// Reports a configuration change to the management agent (numbered, and published on
+    /// `qmf.default.topic` if anyone listens). Call with no registry lock held.
+    pub fn emit_event(&self, event: Event<'_>) {
+        crate::mgmt::events::emit(self, event);
     }
 
     /// Milliseconds since the broker started: the clock of TTLs and expiries.
@@ -215,6 +244,7 @@ impl Broker {
                 .map(|_| ())
                 .ok_or_else(|| no_exchange(&d.name));
         }
+        let _config = self.config_guard();
         let Some(kind) = ExchangeKind::parse(&d.kind) else {
             return Err(AmqpError::command_invalid(format!(
                 "unknown exchange type '{}' (known: direct, fanout, topic, headers)",
@@ -245,18 +275,25 @@ impl Broker {
             d.internal,
             d.arguments.clone(),
         );
-        all.insert(d.name.clone(), Arc::new(e));
+        let e = Arc::new(e);
+        all.insert(d.name.clone(), e.clone());
+        drop(all);
         tracing::debug!(target: "Model", "exchange '{}' ({}) declared", d.name, kind.name());
+        self.emit_event(Event::ExchangeDeclare(&e));
         Ok(())
     }
 
     /// exchange.delete. Deleting an exchange that does not exist succeeds, as in RabbitMQ.
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty()
+            || name.starts_with("amq.")
+            || PREDECLARED.iter().any(|(n, _)| *n == name)
+        {
             return Err(AmqpError::access_refused(format!(
                 "exchange '{name}' is predeclared and cannot be deleted"
             )));
         }
+        let _config = self.config_guard();
         let mut all = self.exchanges.write();
         let Some(e) = all.get(name) else {
             return Ok(());
@@ -267,7 +304,9 @@ impl Broker {
             )));
         }
         all.remove(name);
+        drop(all);
         tracing::debug!(target: "Model", "exchange '{name}' deleted");
+        self.emit_event(Event::ExchangeDelete(name));
         Ok(())
     }
 
@@ -301,6 +340,7 @@ impl Broker {
             let q = self.queue_for(connection_id, &d.name)?;
             return Ok(declared(q));
         }
+        let _config = self.config_guard();
         let name = if d.name.is_empty() {
             server_generated_name("amq.gen-")
         } else {
@@ -342,6 +382,7 @@ impl Broker {
         drop(all);
         // Every queue is bound to the default exchange by its name; that binding is implicit.
         tracing::debug!(target: "Model", "queue '{name}' declared");
+        self.emit_event(Event::QueueDeclare(&q));
         Ok(declared(q))
     }
 
@@ -376,6 +417,7 @@ impl Broker {
 
     /// Removes a queue for good: unbinds it, cancels its consumers, drops its messages.
     pub fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+        let _config = self.config_guard();
         {
             let mut all = self.queues.write();
             match all.get(&q.name) {
@@ -398,15 +440,19 @@ impl Broker {
         let (consumers, count) = q.mark_deleted();
         for c in consumers {
             c.link.lock().consumers.remove(&c.tag);
-            if c.mark_cancelled() && c.link.cancel_notify {
-                crate::channel::write_server_cancel(&c.link, &c.tag);
+            if c.mark_cancelled() {
+                if c.link.cancel_notify {
+                    crate::channel::write_server_cancel(&c.link, &c.tag);
+                }
+                self.emit_event(Event::Unsubscribe(SubscriptionEvent::of(&c)));
             }
         }
         tracing::debug!(target: "Model", "queue '{}' deleted", q.name);
+        self.emit_event(Event::QueueDelete(&q.name));
         count
     }
 
-    /// queue.bind.
+    /// queue.bind. Returns false if the binding existed already.
     pub fn bind(
         &self,
         connection_id: u64,
@@ -414,21 +460,30 @@ impl Broker {
         exchange: &str,
         key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<bool, AmqpError> {
         if exchange.is_empty() {
             return Err(AmqpError::access_refused(
                 "operation not permitted on the default exchange",
             ));
         }
+        let _config = self.config_guard();
         let q = self.queue_for(connection_id, queue)?;
         let e = self
             .exchange(exchange)
             .ok_or_else(|| no_exchange(exchange))?;
-        e.bind(&q, key, arguments)?;
-        Ok(())
+        let added = e.bind(&q, key, arguments)?;
+        if added {
+            self.emit_event(Event::Bind(BindingEvent {
+                exchange,
+                queue,
+                key,
+                arguments,
+            }));
+        }
+        Ok(added)
     }
 
-    /// queue.unbind. Removing a binding that does not exist succeeds.
+    /// queue.unbind. Removing a binding that does not exist succeeds (and returns false).
     pub fn unbind(
         &self,
         connection_id: u64,
@@ -436,21 +491,30 @@ impl Broker {
         exchange: &str,
         key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<bool, AmqpError> {
         if exchange.is_empty() {
             return Err(AmqpError::access_refused(
                 "operation not permitted on the default exchange",
             ));
         }
+        let _config = self.config_guard();
         let q = self.queue_for(connection_id, queue)?;
         let e = self
             .exchange(exchange)
             .ok_or_else(|| no_exchange(exchange))?;
-        e.unbind(&q, key, arguments);
+        let removed = e.unbind(&q, key, arguments);
+        if removed {
+            self.emit_event(Event::Unbind(BindingEvent {
+                exchange,
+                queue,
+                key,
+                arguments,
+            }));
+        }
         if e.should_auto_delete() {
             let _ = self.delete_exchange(exchange, true);
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// queue.purge.
@@ -548,6 +612,7 @@ impl Broker {
 
     /// A connection closed: its exclusive queues go with it.
     pub fn connection_closed(&self, connection_id: u64) {
+        self.mgmt.connection_closed(connection_id);
         let exclusive: Vec<Arc<Queue>> = self
             .queues
             .read()

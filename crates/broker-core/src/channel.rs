@@ -11,6 +11,8 @@ use crate::broker::{Broker, ExchangeDeclare, QueueDeclare, server_generated_name
 use crate::delivery::{ChannelLink, Consumer, Unacked};
 use crate::error::AmqpError;
 use crate::message::{Message, MessageBuilder, parse_expiration};
+use crate::mgmt::Event;
+use crate::mgmt::events::SubscriptionEvent;
 use crate::protocol::control::write_method;
 use crate::protocol::hot::{self, ContentHeader, Publish, Settle};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
@@ -26,6 +28,8 @@ pub struct ChannelContext<'a> {
     /// The authenticated user, when authentication is on (publishes whose `user-id` property
     /// names someone else are refused, as in RabbitMQ).
     pub checked_user: Option<&'a str>,
+    /// The principal has the `admin` tag (management requests).
+    pub admin: bool,
 }
 
 /// A publish waiting for its content.
@@ -227,12 +231,22 @@ impl Channel {
     fn route_and_confirm(&mut self, ctx: &ChannelContext<'_>, p: Publication) {
         let m = &p.message;
         self.route_buf.clear();
-        // The exchange was checked at basic.publish; if it went away since, the message is
-        // unroutable, as in RabbitMQ.
-        let _ = ctx
-            .broker
-            .route(m.exchange(), m.routing_key(), m, &mut self.route_buf);
-        let routed = !self.route_buf.is_empty();
+        // A management request goes to the agent instead of being routed.
+        let to_agent = crate::mgmt::is_request(m.exchange(), m.routing_key());
+        if to_agent {
+            let requester = crate::mgmt::Requester {
+                connection_id: ctx.connection_id,
+                admin: ctx.admin,
+            };
+            crate::mgmt::handle(ctx.broker, requester, m);
+        } else {
+            // The exchange was checked at basic.publish; if it went away since, the message is
+            // unroutable, as in RabbitMQ.
+            let _ = ctx
+                .broker
+                .route(m.exchange(), m.routing_key(), m, &mut self.route_buf);
+        }
+        let routed = to_agent || !self.route_buf.is_empty();
         let now = ctx.broker.now_ms();
         let mut rejected = false;
         for q in &self.route_buf {
@@ -638,6 +652,8 @@ impl Channel {
         let ch = self.id();
         let nowait = c.nowait;
         let reply_tag = short(&tag);
+        let added = consumer.clone();
+        let _config = ctx.broker.config_guard();
         q.add_consumer(consumer.clone(), ctx.broker.now_ms(), || {
             // Written under the queue's lock, so it precedes the first delivery.
             self.link
@@ -655,7 +671,10 @@ impl Channel {
                     );
                 });
             }
-        })
+        })?;
+        ctx.broker
+            .emit_event(Event::Subscribe(SubscriptionEvent::of(&added)));
+        Ok(())
     }
 
     fn cancel(&mut self, ctx: &ChannelContext<'_>, tag: &str) {
@@ -728,7 +747,10 @@ impl Channel {
 
 /// Removes a consumer from its queue, deleting an auto-delete queue left without consumers.
 fn remove_consumer(broker: &Arc<Broker>, consumer: &Arc<Consumer>) {
-    if consumer.queue.remove_consumer(consumer, broker.now_ms()) {
+    let _config = broker.config_guard();
+    let last = consumer.queue.remove_consumer(consumer, broker.now_ms());
+    broker.emit_event(Event::Unsubscribe(SubscriptionEvent::of(consumer)));
+    if last {
         broker.remove_queue(&consumer.queue);
     }
 }

@@ -289,6 +289,14 @@ impl Connection {
             )))
         })?;
         tracing::debug!(target: "Security", "connection {} from {} authenticated as '{}'", self.id, self.peer, principal.user);
+        self.broker.mgmt.connection_opened(
+            self.id,
+            crate::mgmt::ConnectionInfo {
+                address: self.peer.to_string(),
+                auth_identity: principal.user.clone(),
+                client_properties: s.client_properties.clone(),
+            },
+        );
         self.principal = Some(principal);
         self.phase = Phase::AwaitTuneOk;
         self.send0(connection::AMQPMethod::Tune(connection::Tune {
@@ -611,6 +619,7 @@ fn channel_context<'a>(
         broker,
         connection_id: id,
         checked_user,
+        admin: principal.as_ref().is_some_and(|p| p.admin),
     }
 }
 

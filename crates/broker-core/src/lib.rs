@@ -19,6 +19,7 @@ pub mod error;
 pub mod exchange;
 pub mod fields;
 pub mod message;
+pub mod mgmt;
 pub mod protocol;
 pub mod queue;
 pub mod queue_settings;

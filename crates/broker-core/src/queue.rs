@@ -632,6 +632,10 @@ impl QueueState {
     pub fn consumer_count(&self) -> u32 {
         self.consumers.len() as u32
     }
+    /// The consumers themselves (management listings).
+    pub fn consumers(&self) -> &[Arc<Consumer>] {
+        &self.consumers
+    }
     /// The highest id given so far (0 if none).
     pub fn last_id(&self) -> u64 {
         self.next_id - 1

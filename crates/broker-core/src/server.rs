@@ -29,7 +29,8 @@ const WRITE_BUFFER_KEEP_BYTES: usize = 1024 * 1024;
 /// How long `run` waits for connections to finish closing at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves AMQP on `listeners` until `shutdown` completes, then closes every client connection
+/// Serves AMQP on `listeners` until `shutdown` completes (or the management `shutdown` method
+/// is called), then closes every client connection
 /// with 320 (connection-forced), waits for them to finish and returns.
 pub async fn run(
     broker: Arc<Broker>,
@@ -47,7 +48,12 @@ pub async fn run(
         ));
     }
     let sweeper = tokio::spawn(sweep_loop(broker.clone()));
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = broker.mgmt.shutdown_requested() => {
+            tracing::info!(target: "Broker", notice = true, "Shutdown requested through management, shutting down");
+        }
+    }
     tracing::info!(target: "Broker", "shutting down: closing client connections");
     let _ = stop_tx.send(true);
     drop(done_tx);

@@ -17,7 +17,9 @@ use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use broker_core::mgmt::{LogControl, LogControlError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -42,6 +44,19 @@ pub enum QpidLevel {
 }
 
 impl QpidLevel {
+    /// The level's word in rules.
+    pub fn word(self) -> &'static str {
+        match self {
+            QpidLevel::Trace => "trace",
+            QpidLevel::Debug => "debug",
+            QpidLevel::Info => "info",
+            QpidLevel::Notice => "notice",
+            QpidLevel::Warning => "warning",
+            QpidLevel::Error => "error",
+            QpidLevel::Critical => "critical",
+        }
+    }
+
     fn parse(word: &str) -> Option<QpidLevel> {
         Some(match word.to_ascii_lowercase().as_str() {
             "trace" => QpidLevel::Trace,
@@ -126,6 +141,21 @@ impl FromStr for LogRule {
             direction,
             pattern,
         })
+    }
+}
+
+impl fmt::Display for LogRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.level.word())?;
+        match self.direction {
+            Direction::AndAbove => f.write_str("+")?,
+            Direction::AndBelow => f.write_str("-")?,
+            Direction::Only => {}
+        }
+        match &self.pattern {
+            Some(p) => write!(f, ":{p}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -307,6 +337,36 @@ static SINKS: OnceLock<Arc<Sinks>> = OnceLock::new();
 #[derive(Debug, Clone)]
 pub struct LogHandle {
     sinks: Arc<Sinks>,
+    filter: Arc<RwLock<LogFilter>>,
+}
+
+/// What the management methods `getLogLevel` and `setLogLevel` see: the enable rules.
+impl LogControl for LogHandle {
+    fn get(&self) -> String {
+        let filter = self.filter.read().unwrap_or_else(|e| e.into_inner());
+        let rules: Vec<String> = filter.enable.iter().map(LogRule::to_string).collect();
+        rules.join(",")
+    }
+
+    fn set(&self, level: &str) -> Result<(), LogControlError> {
+        let rules = level
+            .split(',')
+            .filter(|r| !r.trim().is_empty())
+            .map(LogRule::from_str)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LogControlError::Invalid)?;
+        if rules.is_empty() {
+            return Err(LogControlError::Invalid("no log rule given".into()));
+        }
+        self.filter
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .enable = rules;
+        // Callsites cached their interest and the global max level under the old rules.
+        tracing::callsite::rebuild_interest_cache();
+        tracing::info!(target: "Broker", notice = true, "Log level set to {level}");
+        Ok(())
+    }
 }
 
 impl LogHandle {
@@ -333,15 +393,21 @@ impl LogHandle {
     }
 }
 
+impl QpidLayer {
+    fn filter(&self) -> std::sync::RwLockReadGuard<'_, LogFilter> {
+        self.filter.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The tracing layer that filters and writes Qpid-style lines.
 struct QpidLayer {
-    filter: LogFilter,
+    filter: Arc<RwLock<LogFilter>>,
     sinks: Arc<Sinks>,
 }
 
 impl<S: Subscriber> Layer<S> for QpidLayer {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        if self.filter.enabled(metadata.target(), *metadata.level()) {
+        if self.filter().enabled(metadata.target(), *metadata.level()) {
             Interest::always()
         } else {
             Interest::never()
@@ -349,11 +415,11 @@ impl<S: Subscriber> Layer<S> for QpidLayer {
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
-        self.filter.enabled(metadata.target(), *metadata.level())
+        self.filter().enabled(metadata.target(), *metadata.level())
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
-        Some(self.filter.max_level())
+        Some(self.filter().max_level())
     }
 
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
@@ -385,19 +451,19 @@ pub fn init(options: &LogOptions) -> io::Result<LogHandle> {
         stderr: AtomicBool::new(options.to_stderr),
         file: Mutex::new(file),
     });
-    let filter = LogFilter {
+    let filter = Arc::new(RwLock::new(LogFilter {
         enable: options.enable.clone(),
         disable: options.disable.clone(),
-    };
+    }));
     tracing_subscriber::registry()
         .with(QpidLayer {
-            filter,
+            filter: filter.clone(),
             sinks: sinks.clone(),
         })
         .try_init()
         .map_err(|e| io::Error::other(format!("cannot install the logger: {e}")))?;
     let _ = SINKS.set(sinks.clone());
-    Ok(LogHandle { sinks })
+    Ok(LogHandle { sinks, filter })
 }
 
 /// Logs `critical Unexpected error: TEXT` whatever the filter says: to the logger's sinks, and
@@ -428,6 +494,19 @@ mod tests {
 
     fn rule(text: &str) -> LogRule {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn rules_print_as_they_parse() {
+        for text in [
+            "notice+",
+            "debug+:Management",
+            "trace-",
+            "error",
+            "warning+:broker_core",
+        ] {
+            assert_eq!(rule(text).to_string(), text);
+        }
     }
 
     #[test]

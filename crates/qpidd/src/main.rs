@@ -14,6 +14,7 @@ mod users_cmd;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -195,6 +196,7 @@ async fn serve(
     };
 
     let broker = Broker::new(config, users);
+    broker.mgmt.set_log_control(Arc::new(log.clone()));
     server::run(broker, listeners, shutdown)
         .await
         .context("the broker stopped on an error")?;
