@@ -10,3 +10,4 @@ mod t60_limits;
 mod t70_bad_input;
 mod t80_daemon;
 mod t90_mgmt;
+mod t95_qpid_config;

@@ -48,6 +48,20 @@ pub fn qpidd_path() -> PathBuf {
     bin
 }
 
+/// The `qpid-config` binary under test: `$QPID_CONFIG_BIN`, else next to `qpidd_path()`.
+pub fn qpid_config_path() -> PathBuf {
+    if let Some(bin) = std::env::var_os("QPID_CONFIG_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = qpidd_path().with_file_name("qpid-config");
+    assert!(
+        bin.exists(),
+        "qpid-config not found at {} (build it with `cargo build --workspace --bins`, or set QPID_CONFIG_BIN)",
+        bin.display()
+    );
+    bin
+}
+
 /// A `Command` for the `qpidd` under test, with no arguments and an empty `QPID_*` environment
 /// (so a developer's settings cannot leak into a test).
 pub fn qpidd_command() -> Command {

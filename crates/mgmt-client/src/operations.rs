@@ -1,0 +1,456 @@
+//! One type per management operation. Each knows the request it makes and how to read the
+//! answer; `Client::run` sends it. The CLIs build these from their arguments and print what
+//! comes back.
+
+use serde_json::{Map, Value, json};
+
+use crate::Error;
+use crate::client::{BROKER_OBJECT, Request};
+
+/// The HA module's object (Qpid's `org.apache.qpid.ha:habroker:ha-broker`).
+pub const HA_BROKER_OBJECT: &str = "org.apache.qpid.ha:habroker:ha-broker";
+
+/// A management operation: a request and the reading of its answer.
+pub trait Operation {
+    type Output;
+    fn request(&self) -> Request;
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error>;
+}
+
+fn method(name: &str, arguments: Value) -> Request {
+    Request::Method {
+        object: BROKER_OBJECT.into(),
+        name: name.into(),
+        arguments,
+    }
+}
+
+fn class(name: &str) -> Request {
+    Request::QueryClass { class: name.into() }
+}
+
+/// One object of a query answer: its id and its property values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedObject {
+    pub object_name: String,
+    pub values: Map<String, Value>,
+}
+
+fn objects(answer: Value) -> Result<Vec<ManagedObject>, Error> {
+    let Value::Array(items) = answer else {
+        return Err(Error::Internal("a query answer without objects".into()));
+    };
+    Ok(items
+        .into_iter()
+        .map(|mut item| ManagedObject {
+            object_name: item["_object_id"]["_object_name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            values: match item["_values"].take() {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            },
+        })
+        .collect())
+}
+
+/// The name inside a reference (`{"_object_name": "org.apache.qpid.broker:queue:q1"}` → `q1`).
+pub fn reference_name(reference: &Value) -> String {
+    let name = reference["_object_name"].as_str().unwrap_or_default();
+    name.splitn(3, ':').nth(2).unwrap_or(name).to_string()
+}
+
+fn text(values: &Map<String, Value>, key: &str) -> String {
+    values
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn flag(values: &Map<String, Value>, key: &str) -> bool {
+    match values.get(key) {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_i64() != Some(0),
+        _ => false,
+    }
+}
+
+fn count(values: &Map<String, Value>, key: &str) -> u64 {
+    values.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn table(values: &Map<String, Value>, key: &str) -> Map<String, Value> {
+    match values.get(key) {
+        Some(Value::Object(map)) => map.clone(),
+        _ => Map::new(),
+    }
+}
+
+/// Every object of a class, untyped (`qpid-config list`).
+#[derive(Clone, Debug)]
+pub struct QueryObjects {
+    pub class: String,
+}
+
+impl Operation for QueryObjects {
+    type Output = Vec<ManagedObject>;
+    fn request(&self) -> Request {
+        class(&self.class)
+    }
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error> {
+        objects(answer)
+    }
+}
+
+/// A queue as the agent reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub exclusive: bool,
+    pub arguments: Map<String, Value>,
+    pub alternate_exchange: Option<String>,
+    pub message_depth: u64,
+    pub byte_depth: u64,
+    pub consumer_count: u64,
+    pub binding_count: u64,
+}
+
+/// Every queue.
+#[derive(Clone, Debug)]
+pub struct QueryQueues;
+
+impl Operation for QueryQueues {
+    type Output = Vec<QueueInfo>;
+    fn request(&self) -> Request {
+        class("queue")
+    }
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error> {
+        Ok(objects(answer)?
+            .into_iter()
+            .map(|o| QueueInfo {
+                name: text(&o.values, "name"),
+                durable: flag(&o.values, "durable"),
+                auto_delete: flag(&o.values, "autoDelete"),
+                exclusive: flag(&o.values, "exclusive"),
+                arguments: table(&o.values, "arguments"),
+                alternate_exchange: o
+                    .values
+                    .get("altExchange")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                message_depth: count(&o.values, "msgDepth"),
+                byte_depth: count(&o.values, "byteDepth"),
+                consumer_count: count(&o.values, "consumerCount"),
+                binding_count: count(&o.values, "bindingCount"),
+            })
+            .collect())
+    }
+}
+
+/// An exchange as the agent reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExchangeInfo {
+    pub name: String,
+    pub exchange_type: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub arguments: Map<String, Value>,
+    pub alternate_exchange: Option<String>,
+    pub binding_count: u64,
+}
+
+/// Every exchange.
+#[derive(Clone, Debug)]
+pub struct QueryExchanges;
+
+impl Operation for QueryExchanges {
+    type Output = Vec<ExchangeInfo>;
+    fn request(&self) -> Request {
+        class("exchange")
+    }
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error> {
+        Ok(objects(answer)?
+            .into_iter()
+            .map(|o| ExchangeInfo {
+                name: text(&o.values, "name"),
+                exchange_type: text(&o.values, "type"),
+                durable: flag(&o.values, "durable"),
+                auto_delete: flag(&o.values, "autoDelete"),
+                arguments: table(&o.values, "arguments"),
+                alternate_exchange: o
+                    .values
+                    .get("altExchange")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                binding_count: count(&o.values, "bindingCount"),
+            })
+            .collect())
+    }
+}
+
+/// A binding as the agent reports it (the default exchange's implicit ones are not listed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindingInfo {
+    pub exchange: String,
+    pub queue: String,
+    pub key: String,
+    pub arguments: Map<String, Value>,
+}
+
+/// Every binding.
+#[derive(Clone, Debug)]
+pub struct QueryBindings;
+
+impl Operation for QueryBindings {
+    type Output = Vec<BindingInfo>;
+    fn request(&self) -> Request {
+        class("binding")
+    }
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error> {
+        Ok(objects(answer)?
+            .into_iter()
+            .map(|o| BindingInfo {
+                exchange: reference_name(&o.values["exchangeRef"]),
+                queue: reference_name(&o.values["queueRef"]),
+                key: text(&o.values, "bindingKey"),
+                arguments: table(&o.values, "arguments"),
+            })
+            .collect())
+    }
+}
+
+/// `create` a queue, strictly: `properties` are Qpid's names (`qpid.max_count`, ...).
+#[derive(Clone, Debug)]
+pub struct CreateQueue {
+    pub name: String,
+    pub durable: bool,
+    pub properties: Map<String, Value>,
+}
+
+impl Operation for CreateQueue {
+    type Output = ();
+    fn request(&self) -> Request {
+        let mut properties = self.properties.clone();
+        if self.durable {
+            properties.insert("durable".into(), true.into());
+        }
+        method(
+            "create",
+            json!({"type": "queue", "name": self.name, "properties": properties, "strict": true}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// `create` an exchange of `exchange_type`, strictly.
+#[derive(Clone, Debug)]
+pub struct CreateExchange {
+    pub exchange_type: String,
+    pub name: String,
+    pub durable: bool,
+    pub properties: Map<String, Value>,
+}
+
+impl Operation for CreateExchange {
+    type Output = ();
+    fn request(&self) -> Request {
+        let mut properties = self.properties.clone();
+        properties.insert("exchange-type".into(), self.exchange_type.clone().into());
+        if self.durable {
+            properties.insert("durable".into(), true.into());
+        }
+        method(
+            "create",
+            json!({"type": "exchange", "name": self.name, "properties": properties, "strict": true}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// The binding name of the protocol (section 3.1): `/` and `\` escaped in exchange and queue.
+pub fn binding_name(exchange: &str, queue: &str, key: &str) -> String {
+    let escape = |s: &str| s.replace('\\', "\\\\").replace('/', "\\/");
+    format!("{}/{}/{}", escape(exchange), escape(queue), key)
+}
+
+/// `create` a binding; `arguments` are the binding arguments (`x-match` and values for headers).
+#[derive(Clone, Debug)]
+pub struct CreateBinding {
+    pub exchange: String,
+    pub queue: String,
+    pub key: String,
+    pub arguments: Map<String, Value>,
+}
+
+impl Operation for CreateBinding {
+    type Output = ();
+    fn request(&self) -> Request {
+        method(
+            "create",
+            json!({"type": "binding", "name": binding_name(&self.exchange, &self.queue, &self.key),
+                   "properties": self.arguments, "strict": true}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// `delete` a queue; `if_empty`/`if_unused` refuse a non-empty or consumed queue.
+#[derive(Clone, Debug)]
+pub struct DeleteQueue {
+    pub name: String,
+    pub if_empty: bool,
+    pub if_unused: bool,
+}
+
+impl Operation for DeleteQueue {
+    type Output = ();
+    fn request(&self) -> Request {
+        method(
+            "delete",
+            json!({"type": "queue", "name": self.name,
+                   "options": {"if_empty": self.if_empty, "if_unused": self.if_unused}}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// `delete` an exchange.
+#[derive(Clone, Debug)]
+pub struct DeleteExchange {
+    pub name: String,
+}
+
+impl Operation for DeleteExchange {
+    type Output = ();
+    fn request(&self) -> Request {
+        method(
+            "delete",
+            json!({"type": "exchange", "name": self.name, "options": {}}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// `delete` a binding.
+#[derive(Clone, Debug)]
+pub struct DeleteBinding {
+    pub exchange: String,
+    pub queue: String,
+    pub key: String,
+}
+
+impl Operation for DeleteBinding {
+    type Output = ();
+    fn request(&self) -> Request {
+        method(
+            "delete",
+            json!({"type": "binding", "name": binding_name(&self.exchange, &self.queue, &self.key),
+                   "options": {}}),
+        )
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// The broker's log enable rules (`getLogLevel`).
+#[derive(Clone, Debug)]
+pub struct GetLogLevel;
+
+impl Operation for GetLogLevel {
+    type Output = String;
+    fn request(&self) -> Request {
+        method("getLogLevel", json!({}))
+    }
+    fn parse(&self, answer: Value) -> Result<String, Error> {
+        answer["level"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Internal("getLogLevel answered without a level".into()))
+    }
+}
+
+/// Replaces the broker's log enable rules (`setLogLevel`).
+#[derive(Clone, Debug)]
+pub struct SetLogLevel {
+    pub level: String,
+}
+
+impl Operation for SetLogLevel {
+    type Output = ();
+    fn request(&self) -> Request {
+        method("setLogLevel", json!({"level": self.level}))
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Stops the broker (`shutdown`).
+#[derive(Clone, Debug)]
+pub struct Shutdown;
+
+impl Operation for Shutdown {
+    type Output = ();
+    fn request(&self) -> Request {
+        method("shutdown", json!({}))
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Starts replicating `queue` (which must exist here) from the same-named queue at `broker`:
+/// the HA object's `replicate` method.
+#[derive(Clone, Debug)]
+pub struct Replicate {
+    pub broker: String,
+    pub queue: String,
+}
+
+impl Operation for Replicate {
+    type Output = ();
+    fn request(&self) -> Request {
+        Request::Method {
+            object: HA_BROKER_OBJECT.into(),
+            name: "replicate".into(),
+            arguments: json!({"broker": self.broker, "queue": self.queue}),
+        }
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_names_escape_slashes() {
+        assert_eq!(binding_name("a/b", "q", "x/y"), "a\\/b/q/x/y");
+        assert_eq!(binding_name("e", "q\\", ""), "e/q\\\\/");
+    }
+
+    #[test]
+    fn references_name_their_object() {
+        assert_eq!(
+            reference_name(&json!({"_object_name": "org.apache.qpid.broker:queue:a:b"})),
+            "a:b"
+        );
+    }
+}
