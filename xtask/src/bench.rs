@@ -13,13 +13,19 @@
 //! `--no-rabbitmq`. Exits non-zero when a broker misbehaved (crash, lost or duplicated
 //! messages, client errors); missed targets are reported, not failed.
 //!
+//! Issue 3's `qpid-config` speed targets are two more scenarios, `cli-call` and `cli-list-10k`,
+//! run against a separate release `qpidd --auth yes --data-dir target/bench/runs-*/…` (guest/guest
+//! from 127.0.0.1, SASL PLAIN) with the release `qpid-config`, timed from spawn to exit. They
+//! have no RabbitMQ counterpart. See [`BenchEnv::run_cli`].
+//!
 //! Only std and anyhow, like the rest of xtask: the perftest JSON is read with the small
-//! parser at the bottom of this file.
+//! parser at the bottom of this file, and the queues for `cli-list-10k` are declared with the
+//! small AMQP 0-9-1 client [`RawAmqp`].
 
 use anyhow::{Context, Result, bail, ensure};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,7 +37,9 @@ usage: cargo xtask bench [--runs N] [--warmup S] [--seconds S] [--only KEY,KEY] 
 
 Runs the issue-2 scenarios against qpidd and (when rabbitmq-server is installed) RabbitMQ,
 interleaved, and writes target/bench/latest.json. Scenario keys: auto-ack, manual-ack, 4x4,
-latency, memory, lapin.
+latency, memory, lapin, and (issue 3, qpidd only, broker with --auth yes) cli-call (10 x --runs
+timed `qpid-config queues` calls) and cli-list-10k (10,000 queues listed --runs times, text and
+--json).
 ";
 
 /// What a scenario measures and how it is judged.
@@ -45,6 +53,16 @@ enum Measure {
     Memory,
     /// Consumed msgs/s through lapin, without a target.
     Lapin,
+    /// Wall time of single `qpid-config` calls (issue 3: < 50 ms each).
+    CliCall,
+    /// Wall time of `qpid-config queues` over 10,000 queues (issue 3: < 1 s).
+    CliList,
+}
+
+impl Measure {
+    fn is_cli(self) -> bool {
+        matches!(self, Measure::CliCall | Measure::CliList)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,8 +187,25 @@ fn scenarios() -> Vec<Scenario> {
                 "bench-fill",
             ],
         },
+        Scenario {
+            key: "cli-call",
+            title: "qpid-config call, --auth yes, PLAIN, loopback",
+            measure: Measure::CliCall,
+            args: &["queues"],
+        },
+        Scenario {
+            key: "cli-list-10k",
+            title: "qpid-config queues, 10,000 queues",
+            measure: Measure::CliList,
+            args: &["queues"],
+        },
     ]
 }
+
+/// How many queues `cli-list-10k` lists.
+const LIST_QUEUES: usize = 10_000;
+/// `cli-call` makes this many timed calls per `--runs`.
+const CALLS_PER_RUN: usize = 10;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -225,9 +260,18 @@ pub fn run(args: &[String]) -> Result<bool> {
         .context("xtask has no parent directory")?
         .to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("==> [bench] cargo build --release -p qpidd -p qpid-perftest");
+    println!("==> [bench] cargo build --release -p qpidd -p qpid-perftest -p qpid-config");
     let status = Command::new(&cargo)
-        .args(["build", "--release", "-p", "qpidd", "-p", "qpid-perftest"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "qpidd",
+            "-p",
+            "qpid-perftest",
+            "-p",
+            "qpid-config",
+        ])
         .current_dir(&root)
         .status()
         .context("running cargo build")?;
@@ -235,6 +279,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let target_dir = target_dir(&root, &cargo)?;
     let qpidd = target_dir.join("release/qpidd");
     let perftest = target_dir.join("release/qpid-perftest");
+    let qpid_config = target_dir.join("release/qpid-config");
     let out_dir = root.join("target/bench");
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let runs_dir = out_dir.join(format!("runs-{stamp}"));
@@ -249,6 +294,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let env = BenchEnv {
         qpidd,
         perftest,
+        qpid_config,
         runs_dir,
         rabbit_server,
         rabbit_dir,
@@ -273,7 +319,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut misbehaved = Vec::new();
     let shared: Vec<&Scenario> = selected
         .iter()
-        .filter(|s| s.measure != Measure::Memory)
+        .filter(|s| s.measure != Measure::Memory && !s.measure.is_cli())
         .collect();
     if !shared.is_empty() {
         let mut brokers = env.start_brokers()?;
@@ -310,6 +356,10 @@ pub fn run(args: &[String]) -> Result<bool> {
         for b in brokers {
             b.stop();
         }
+    }
+    let cli: Vec<&Scenario> = selected.iter().filter(|s| s.measure.is_cli()).collect();
+    if !cli.is_empty() {
+        results.extend(env.run_cli(&cli, &mut misbehaved)?);
     }
     if let Some(sc) = selected.iter().find(|s| s.measure == Measure::Memory) {
         let mut res = ScenarioResult::new(sc);
@@ -402,6 +452,7 @@ fn find_rabbitmq() -> Option<PathBuf> {
 struct BenchEnv {
     qpidd: PathBuf,
     perftest: PathBuf,
+    qpid_config: PathBuf,
     runs_dir: PathBuf,
     rabbit_server: Option<PathBuf>,
     rabbit_dir: PathBuf,
@@ -419,7 +470,11 @@ impl BenchEnv {
 
     fn start(&self, kind: BrokerKind) -> Result<Broker> {
         match kind {
-            BrokerKind::Qpidd => Broker::start_qpidd(&self.qpidd, &self.runs_dir),
+            BrokerKind::Qpidd => Broker::start_qpidd(
+                &self.qpidd,
+                &self.runs_dir,
+                &["--port", "0", "--no-data-dir", "--auth", "no"],
+            ),
             BrokerKind::RabbitMq => Broker::start_rabbitmq(
                 self.rabbit_server
                     .as_deref()
@@ -543,6 +598,444 @@ impl BenchEnv {
             report,
         })
     }
+
+    /// Issue 3's `qpid-config` scenarios, against one fresh `qpidd --auth yes` with a data
+    /// directory of its own: `cli-call` first (one queue on the broker), then `cli-list-10k`
+    /// (10,000 more queues, declared over one channel by [`RawAmqp`]).
+    fn run_cli(
+        &self,
+        selected: &[&Scenario],
+        misbehaved: &mut Vec<String>,
+    ) -> Result<Vec<ScenarioResult>> {
+        let data = self.runs_dir.join(format!("qpidd-auth-data-{}", unique()));
+        fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        let data_arg = data.to_str().context("non-UTF-8 data directory")?;
+        let args = ["--port", "0", "--data-dir", data_arg, "--auth", "yes"];
+        println!("==> [bench] qpidd {}", args.join(" "));
+        let mut broker = Broker::start_qpidd(&self.qpidd, &self.runs_dir, &args)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], broker.port));
+        let address = format!("guest/guest@127.0.0.1:{}", broker.port);
+        let mut results = Vec::new();
+        if let Some(sc) = selected.iter().find(|s| s.measure == Measure::CliCall) {
+            let mut amqp = RawAmqp::connect(addr, "guest", "guest")?;
+            amqp.declare_queues(&["bench-cli-q".to_string()])?;
+            amqp.close()?;
+            let n = self.opts.runs * CALLS_PER_RUN;
+            let mut res = ScenarioResult::new(sc);
+            res.cli.push(self.time_cli(
+                "process start + exit (`--version`), ms",
+                &["--version"],
+                n,
+                None,
+                None,
+            ));
+            res.cli.push(time_handshake(addr, n));
+            res.cli.push(self.time_cli(
+                "`queues` (1 queue), ms",
+                &["-b", &address, "queues"],
+                n,
+                Some(Target {
+                    limit_ms: 50.0,
+                    on_p90: true,
+                }),
+                Some(("bench-cli-q", 1)),
+            ));
+            results.push(res);
+        }
+        if let Some(sc) = selected.iter().find(|s| s.measure == Measure::CliList) {
+            let names: Vec<String> = (0..LIST_QUEUES)
+                .map(|i| format!("bench-q-{i:05}"))
+                .collect();
+            let mut amqp = RawAmqp::connect(addr, "guest", "guest")?;
+            let t0 = Instant::now();
+            amqp.declare_queues(&names)?;
+            let declare_ms = t0.elapsed().as_secs_f64() * 1e3;
+            amqp.close()?;
+            println!("    declared {LIST_QUEUES} queues over one channel in {declare_ms:.0} ms");
+            let n = self.opts.runs;
+            let target = Some(Target {
+                limit_ms: 1000.0,
+                on_p90: false,
+            });
+            let mut res = ScenarioResult::new(sc);
+            res.cli.push(CliSeries {
+                label: "declare 10,000 queues (raw client, 1 channel), ms",
+                command: format!("{LIST_QUEUES} x queue.declare, batches of 1,000"),
+                samples_ms: vec![declare_ms],
+                target: None,
+                problems: Vec::new(),
+                stdout_bytes: None,
+            });
+            res.cli.push(self.time_cli(
+                "`queues`, ms",
+                &["-b", &address, "queues"],
+                n,
+                target,
+                Some(("bench-q-", LIST_QUEUES)),
+            ));
+            res.cli.push(self.time_cli(
+                "`queues --json`, ms",
+                &["-b", &address, "queues", "--json"],
+                n,
+                target,
+                Some(("bench-q-", LIST_QUEUES)),
+            ));
+            res.cli.push(self.time_cli(
+                "`queues bench-q-00001` (10,000 fetched, 1 printed), ms",
+                &["-b", &address, "queues", "bench-q-00001"],
+                n,
+                None,
+                Some(("bench-q-", 1)),
+            ));
+            results.push(res);
+        }
+        for r in &results {
+            for s in &r.cli {
+                misbehaved.extend(s.problems.iter().map(|p| format!("{}: {p}", r.sc.key)));
+            }
+        }
+        if !broker.alive() {
+            misbehaved.push(format!(
+                "qpidd --auth yes exited during the qpid-config scenarios; see {}",
+                broker.log.display()
+            ));
+        }
+        broker.stop();
+        Ok(results)
+    }
+
+    /// `n` timed runs of `qpid-config ARGS` (after one untimed warm-up), each from spawn to
+    /// exit with stdout and stderr read through pipes. `expect` is (a substring, how many
+    /// times stdout must contain it).
+    fn time_cli(
+        &self,
+        label: &'static str,
+        args: &[&str],
+        n: usize,
+        target: Option<Target>,
+        expect: Option<(&str, usize)>,
+    ) -> CliSeries {
+        let command = format!("{} {}", self.qpid_config.display(), args.join(" "));
+        let mut s = CliSeries {
+            label,
+            command,
+            samples_ms: Vec::new(),
+            target,
+            problems: Vec::new(),
+            stdout_bytes: None,
+        };
+        for i in 0..=n {
+            let t0 = Instant::now();
+            let out = Command::new(&self.qpid_config)
+                .args(args)
+                .stdin(Stdio::null())
+                .output();
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let problem = match &out {
+                Err(e) => Some(format!("cannot run qpid-config: {e}")),
+                Ok(o) if !o.status.success() => Some(format!(
+                    "`{}` failed ({}): {}",
+                    s.command,
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Ok(o) => expect.and_then(|(needle, count)| {
+                    let seen = String::from_utf8_lossy(&o.stdout).matches(needle).count();
+                    (seen != count).then(|| {
+                        format!(
+                            "`{}` printed {needle:?} {seen} times, not {count}",
+                            s.command
+                        )
+                    })
+                }),
+            };
+            if let Some(p) = problem {
+                s.problems.push(p);
+                continue;
+            }
+            if let Ok(o) = &out {
+                s.stdout_bytes = Some(o.stdout.len());
+            }
+            if i > 0 {
+                s.samples_ms.push(ms);
+            }
+        }
+        s.print();
+        s
+    }
+}
+
+/// `n` raw connections to `addr`: TCP connect, the AMQP handshake with PLAIN login as
+/// guest/guest, up to connection.open-ok (the close is not timed).
+fn time_handshake(addr: SocketAddr, n: usize) -> CliSeries {
+    let mut s = CliSeries {
+        label: "TCP + AMQP handshake + PLAIN login (raw), ms",
+        command: format!("raw AMQP client to {addr}, to connection.open-ok"),
+        samples_ms: Vec::new(),
+        target: None,
+        problems: Vec::new(),
+        stdout_bytes: None,
+    };
+    for _ in 0..n {
+        let t0 = Instant::now();
+        match RawAmqp::connect(addr, "guest", "guest") {
+            Ok(c) => {
+                s.samples_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                if let Err(e) = c.close() {
+                    s.problems.push(format!("closing a raw connection: {e:#}"));
+                }
+            }
+            Err(e) => s.problems.push(format!("raw AMQP connect: {e:#}")),
+        }
+    }
+    s.print();
+    s
+}
+
+/// A wall-time target of issue 3, judged on the p90 or on the median.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    limit_ms: f64,
+    on_p90: bool,
+}
+
+/// One timed series of the `qpid-config` scenarios, in milliseconds.
+struct CliSeries {
+    label: &'static str,
+    command: String,
+    samples_ms: Vec<f64>,
+    target: Option<Target>,
+    problems: Vec<String>,
+    stdout_bytes: Option<usize>,
+}
+
+impl CliSeries {
+    fn stat(&self) -> Option<Stat> {
+        stat(&self.samples_ms)
+    }
+
+    fn p90(&self) -> Option<f64> {
+        percentile(&self.samples_ms, 0.9)
+    }
+
+    /// The figure the target is judged on, and whether it is met.
+    fn met(&self) -> Option<bool> {
+        let t = self.target?;
+        let v = if t.on_p90 {
+            self.p90()?
+        } else {
+            self.stat()?.median
+        };
+        Some(v < t.limit_ms)
+    }
+
+    fn print(&self) {
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        println!(
+            "    {}: n {}, median {} ms, p90 {} ms, min {} ms, max {} ms{}{}",
+            self.label,
+            self.samples_ms.len(),
+            f(self.stat().map(|s| s.median)),
+            f(self.p90()),
+            f(self.stat().map(|s| s.min)),
+            f(self.stat().map(|s| s.max)),
+            self.stdout_bytes
+                .map_or(String::new(), |b| format!(", stdout {b} B")),
+            if self.problems.is_empty() {
+                String::new()
+            } else {
+                format!(" PROBLEMS: {}", self.problems.join("; "))
+            }
+        );
+    }
+
+    fn to_json(&self) -> Json {
+        let n = |v: Option<f64>| v.map_or(Json::Null, Json::Num);
+        let st = self.stat();
+        Json::Obj(vec![
+            ("label".into(), Json::Str(self.label.into())),
+            ("command".into(), Json::Str(self.command.clone())),
+            (
+                "samples_ms".into(),
+                Json::Arr(self.samples_ms.iter().map(|&v| Json::Num(v)).collect()),
+            ),
+            ("median_ms".into(), n(st.map(|s| s.median))),
+            ("p90_ms".into(), n(self.p90())),
+            ("min_ms".into(), n(st.map(|s| s.min))),
+            ("max_ms".into(), n(st.map(|s| s.max))),
+            ("target_ms".into(), n(self.target.map(|t| t.limit_ms))),
+            (
+                "judged_on".into(),
+                self.target.map_or(Json::Null, |t| {
+                    Json::Str(if t.on_p90 { "p90" } else { "median" }.into())
+                }),
+            ),
+            ("met".into(), self.met().map_or(Json::Null, Json::Bool)),
+            (
+                "stdout_bytes".into(),
+                self.stdout_bytes
+                    .map_or(Json::Null, |b| Json::Num(b as f64)),
+            ),
+            (
+                "problems".into(),
+                Json::Arr(self.problems.iter().map(|p| Json::Str(p.clone())).collect()),
+            ),
+        ])
+    }
+}
+
+/// Nearest-rank percentile (`q` in 0..=1).
+fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+/// A minimal AMQP 0-9-1 client: PLAIN login, one channel, pipelined queue.declare. Enough to
+/// create the 10,000 queues of `cli-list-10k` quickly and to time the handshake.
+struct RawAmqp {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    channel_open: bool,
+}
+
+impl RawAmqp {
+    fn connect(addr: SocketAddr, user: &str, password: &str) -> Result<RawAmqp> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        let mut c = RawAmqp {
+            stream,
+            reader,
+            channel_open: false,
+        };
+        c.stream.write_all(b"AMQP\x00\x00\x09\x01")?;
+        c.expect(0, 10, 10)?; // connection.start
+        let mut a = Vec::new();
+        a.extend_from_slice(&0u32.to_be_bytes()); // client-properties: empty table
+        short_str(&mut a, "PLAIN");
+        let response = format!("\0{user}\0{password}");
+        a.extend_from_slice(&(response.len() as u32).to_be_bytes());
+        a.extend_from_slice(response.as_bytes());
+        short_str(&mut a, "en_US");
+        c.send(0, 10, 11, &a)?; // start-ok
+        let tune = c.expect(0, 10, 30)?;
+        ensure!(tune.len() >= 8, "short connection.tune");
+        let mut a = tune[..6].to_vec(); // the broker's channel-max and frame-max
+        a.extend_from_slice(&0u16.to_be_bytes()); // no heartbeats
+        c.send(0, 10, 31, &a)?; // tune-ok
+        let mut a = Vec::new();
+        short_str(&mut a, "/");
+        short_str(&mut a, "");
+        a.push(0);
+        c.send(0, 10, 40, &a)?; // connection.open
+        c.expect(0, 10, 41)?;
+        Ok(c)
+    }
+
+    fn send(&mut self, channel: u16, class: u16, method: u16, args: &[u8]) -> Result<()> {
+        let mut buf = Vec::with_capacity(12 + args.len());
+        method_frame(&mut buf, channel, class, method, args);
+        self.stream.write_all(&buf)?;
+        Ok(())
+    }
+
+    /// The arguments of the next method frame, which must be `class.method` on `channel`.
+    fn expect(&mut self, channel: u16, class: u16, method: u16) -> Result<Vec<u8>> {
+        loop {
+            let mut head = [0u8; 7];
+            self.reader
+                .read_exact(&mut head)
+                .context("reading a frame header")?;
+            let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+            let mut payload = vec![0u8; size + 1];
+            self.reader.read_exact(&mut payload)?;
+            ensure!(payload[size] == 0xCE, "bad frame end");
+            payload.truncate(size);
+            if head[0] == 8 {
+                continue; // heartbeat
+            }
+            ensure!(
+                head[0] == 1 && size >= 4,
+                "unexpected frame type {}",
+                head[0]
+            );
+            let ch = u16::from_be_bytes([head[1], head[2]]);
+            let c = u16::from_be_bytes([payload[0], payload[1]]);
+            let m = u16::from_be_bytes([payload[2], payload[3]]);
+            if (ch, c, m) == (channel, class, method) {
+                return Ok(payload.split_off(4));
+            }
+            if (c, m) == (10, 50) || (c, m) == (20, 40) {
+                let code = payload
+                    .get(4..6)
+                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                let len = payload.get(6).copied().unwrap_or(0) as usize;
+                let text = payload
+                    .get(7..7 + len)
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                bail!("the broker closed the connection or channel: {code} {text}");
+            }
+            bail!("got method {c}.{m} on channel {ch}, expected {class}.{method} on {channel}");
+        }
+    }
+
+    /// Declares `names` (transient, not exclusive, not auto-delete) on channel 1, 1,000 at a
+    /// time without waiting between them, then waits for their declare-oks.
+    fn declare_queues(&mut self, names: &[String]) -> Result<()> {
+        if !self.channel_open {
+            self.send(1, 20, 10, &[0])?; // channel.open, empty reserved short string
+            self.expect(1, 20, 11)?;
+            self.channel_open = true;
+        }
+        for chunk in names.chunks(1000) {
+            let mut buf = Vec::new();
+            for name in chunk {
+                let mut a = vec![0, 0]; // reserved ticket
+                short_str(&mut a, name);
+                a.push(0); // passive, durable, exclusive, auto-delete, no-wait: all off
+                a.extend_from_slice(&0u32.to_be_bytes()); // arguments: empty table
+                method_frame(&mut buf, 1, 50, 10, &a);
+            }
+            self.stream.write_all(&buf)?;
+            for _ in chunk {
+                self.expect(1, 50, 11)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close(mut self) -> Result<()> {
+        let mut a = 200u16.to_be_bytes().to_vec();
+        short_str(&mut a, "");
+        a.extend_from_slice(&[0, 0, 0, 0]);
+        self.send(0, 10, 50, &a)?;
+        self.expect(0, 10, 51)?;
+        Ok(())
+    }
+}
+
+fn short_str(buf: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= 255);
+    buf.push(s.len() as u8);
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn method_frame(buf: &mut Vec<u8>, channel: u16, class: u16, method: u16, args: &[u8]) {
+    buf.push(1);
+    buf.extend_from_slice(&channel.to_be_bytes());
+    buf.extend_from_slice(&(4 + args.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&class.to_be_bytes());
+    buf.extend_from_slice(&method.to_be_bytes());
+    buf.extend_from_slice(args);
+    buf.push(0xCE);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -575,10 +1068,11 @@ struct Broker {
 }
 
 impl Broker {
-    fn start_qpidd(bin: &Path, dir: &Path) -> Result<Broker> {
+    /// `args` must include `--port 0`: qpidd then prints the port it bound.
+    fn start_qpidd(bin: &Path, dir: &Path, args: &[&str]) -> Result<Broker> {
         let log = dir.join(format!("qpidd-{}.log", unique()));
         let mut child = Command::new(bin)
-            .args(["--port", "0", "--no-data-dir", "--auth", "no"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log)?)
@@ -953,6 +1447,8 @@ impl RunResult {
 struct ScenarioResult {
     sc: Scenario,
     runs: Vec<RunResult>,
+    /// The timed series of the `qpid-config` scenarios.
+    cli: Vec<CliSeries>,
 }
 
 /// median [min–max] over the valid runs.
@@ -989,6 +1485,7 @@ impl ScenarioResult {
         ScenarioResult {
             sc: sc.clone(),
             runs: Vec::new(),
+            cli: Vec::new(),
         }
     }
 
@@ -1027,6 +1524,10 @@ impl ScenarioResult {
                 "runs".into(),
                 Json::Arr(self.runs.iter().map(RunResult::to_json).collect()),
             ),
+            (
+                "cli".into(),
+                Json::Arr(self.cli.iter().map(CliSeries::to_json).collect()),
+            ),
         ])
     }
 }
@@ -1041,6 +1542,10 @@ struct Row<'a> {
     /// (the target's text, whether the figures meet it)
     target: Option<(String, Option<bool>)>,
     ratio: bool,
+    /// Shown after the qpidd figures (the p90 of the `qpid-config` series).
+    p90: Option<f64>,
+    /// Has no RabbitMQ counterpart.
+    ours_only: bool,
 }
 
 fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
@@ -1066,6 +1571,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 0,
                     target: Some(("≥ 2.5×".into(), met)),
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
                 let (o, t) = (r.stat(q, |x| x.broker_us), r.stat(rb, |x| x.broker_us));
                 let target =
@@ -1078,6 +1585,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 2,
                     target,
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
                 let (o, t) = (r.stat(q, |x| x.tool_us), r.stat(rb, |x| x.tool_us));
                 rows.push(Row {
@@ -1088,6 +1597,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 2,
                     target: None,
                     ratio: false,
+                    p90: None,
+                    ours_only: false,
                 });
             }
             Measure::Latency => {
@@ -1101,6 +1612,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 0,
                     target: Some(("≤ 0.5×".into(), met)),
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
                 let (o, t) = (r.stat(q, |x| x.broker_us), r.stat(rb, |x| x.broker_us));
                 rows.push(Row {
@@ -1111,6 +1624,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 2,
                     target: None,
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
             }
             Measure::Memory => {
@@ -1127,7 +1642,42 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 0,
                     target: Some(("≤ 200 B".into(), met)),
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
+            }
+            Measure::CliCall | Measure::CliList => {
+                for (i, c) in r.cli.iter().enumerate() {
+                    rows.push(Row {
+                        scenario: if i == 0 { title } else { "" },
+                        metric: c.label,
+                        ours: c.stat(),
+                        theirs: None,
+                        digits: 1,
+                        target: c.target.map(|t| {
+                            let on = if t.on_p90 { "p90" } else { "median" };
+                            (format!("< {} ms ({on})", group(t.limit_ms, 0)), c.met())
+                        }),
+                        ratio: false,
+                        p90: (c.samples_ms.len() >= 10).then(|| c.p90()).flatten(),
+                        ours_only: true,
+                    });
+                }
+                let problems: usize = r.cli.iter().map(|c| c.problems.len()).sum();
+                if problems > 0 {
+                    rows.push(Row {
+                        scenario: "",
+                        metric: "",
+                        ours: None,
+                        theirs: None,
+                        digits: 0,
+                        target: Some((format!("{problems} failed call(s)"), None)),
+                        ratio: false,
+                        p90: None,
+                        ours_only: true,
+                    });
+                }
+                continue;
             }
             Measure::Lapin => {
                 let (o, t) = (
@@ -1142,6 +1692,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 0,
                     target: None,
                     ratio: true,
+                    p90: None,
+                    ours_only: false,
                 });
                 let (o, t) = (r.stat(q, |x| x.tool_us), r.stat(rb, |x| x.tool_us));
                 rows.push(Row {
@@ -1152,6 +1704,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                     digits: 2,
                     target: None,
                     ratio: false,
+                    p90: None,
+                    ours_only: false,
                 });
             }
         }
@@ -1169,6 +1723,8 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
                 digits: 0,
                 target: Some((bad.join(", "), None)),
                 ratio: false,
+                p90: None,
+                ours_only: false,
             });
         }
     }
@@ -1209,13 +1765,19 @@ fn render_table(results: &[ScenarioResult], rabbit: bool) -> String {
             ),
             None => (String::new(), String::new()),
         };
+        let mut ours = fmt_stat(row.ours, row.digits);
+        if let Some(p) = row.p90 {
+            let _ = write!(ours, ", p90 {}", group(p, row.digits));
+        }
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.scenario,
             row.metric,
-            fmt_stat(row.ours, row.digits),
-            if rabbit {
+            ours,
+            if row.ours_only {
+                "n/a".into()
+            } else if rabbit {
                 fmt_stat(row.theirs, row.digits)
             } else {
                 "not installed".into()
@@ -1527,6 +2089,10 @@ mod tests {
         assert_eq!(group(1234567.4, 0), "1,234,567");
         assert_eq!(group(999.0, 0), "999");
         assert_eq!(group(0.456, 2), "0.46");
+        let v: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.9), Some(45.0));
+        assert_eq!(percentile(&[7.0], 0.9), Some(7.0));
+        assert_eq!(percentile(&[], 0.9), None);
     }
 
     #[test]
@@ -1554,13 +2120,16 @@ mod tests {
                 "4x4",
                 "latency",
                 "lapin",
-                "memory"
+                "memory",
+                "cli-call",
+                "cli-list-10k"
             ]
         );
-        // Every scenario uses confirms with a window of 1,000.
+        // Every perftest scenario uses confirms with a window of 1,000.
         assert!(
             scenarios()
                 .iter()
+                .filter(|s| !s.measure.is_cli())
                 .all(|s| s.args.windows(2).any(|w| w == ["--confirm", "1000"]))
         );
     }
