@@ -11,3 +11,4 @@ mod t70_bad_input;
 mod t80_daemon;
 mod t90_mgmt;
 mod t95_qpid_config;
+mod t96_qpid_ha;

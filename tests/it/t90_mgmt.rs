@@ -789,3 +789,107 @@ async fn binding_names_escape_slashes_in_exchange_and_queue_names() {
         .unwrap_err();
     assert_eq!(bad.0, 3, "{}", bad.1);
 }
+
+const HA_OID: &str = "org.apache.qpid.ha:habroker:ha-broker";
+
+#[tokio::test]
+async fn the_ha_object_exists_only_with_ha_options() {
+    let plain = TestBroker::start();
+    let conn = plain.connect().await;
+    let mut agent = Agent::open(&conn).await;
+    assert!(agent.class("habroker").await.is_empty());
+    assert!(agent.object(HA_OID).await.is_empty());
+    let (code, text) = agent
+        .method_on(HA_OID, "promote", json!({}))
+        .await
+        .expect_err("no HA object");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.ends_with("start it with ha-queue-replication=yes or ha-cluster=yes"),
+        "{text}"
+    );
+
+    let broker = TestBroker::builder()
+        .args([
+            "--ha-queue-replication",
+            "yes",
+            "--ha-brokers-url",
+            "amqp:tcp:h1:1,tcp:h2:2",
+        ])
+        .start();
+    let conn = broker.connect().await;
+    let mut agent = Agent::open(&conn).await;
+    let by_class = agent
+        .query(json!({"_what": "OBJECT",
+            "_schema_id": {"_package_name": "org.apache.qpid.ha", "_class_name": "habroker"}}))
+        .await
+        .0;
+    assert_eq!(by_class, agent.object(HA_OID).await);
+    assert_eq!(by_class.len(), 1, "{by_class:?}");
+    let ha = &by_class[0];
+    assert_eq!(ha["_object_id"]["_object_name"], HA_OID);
+    assert_eq!(
+        ha["_schema_id"],
+        json!({"_package_name": "org.apache.qpid.ha", "_class_name": "habroker"})
+    );
+    let broker_object = agent.object(BROKER_OID).await;
+    let values = &ha["_values"];
+    assert_eq!(
+        values,
+        &json!({"name": "ha-broker", "status": "standalone",
+            "brokersUrl": "amqp:tcp:h1:1,tcp:h2:2", "publicUrl": "", "replicateDefault": "none",
+            "systemId": broker_object[0]["_values"]["systemId"]})
+    );
+    // The broker package does not name the HA object.
+    assert!(
+        agent
+            .object("org.apache.qpid.broker:habroker:ha-broker")
+            .await
+            .is_empty()
+    );
+
+    let (code, text) = agent
+        .method_on(HA_OID, "promote", json!({}))
+        .await
+        .expect_err("not a cluster member");
+    assert_eq!(
+        (code, text.contains("not a cluster member")),
+        (5, true),
+        "{text}"
+    );
+    let (code, text) = agent
+        .method_on(HA_OID, "replicate", json!({"queue": "q"}))
+        .await
+        .expect_err("broker missing");
+    assert_eq!(code, 3, "{text}");
+    let (code, text) = agent
+        .method_on(HA_OID, "replicate", json!({"broker": "h1", "queue": "q"}))
+        .await
+        .expect_err("no queue");
+    assert_eq!((code, text.as_str()), (1, "no queue 'q'"));
+    let (code, _) = agent
+        .method_on(HA_OID, "setBrokersUrl", json!({"url": "x"}))
+        .await
+        .expect_err("not implemented");
+    assert_eq!(code, 4);
+    let (code, _) = agent
+        .method_on(HA_OID, "frob", json!({}))
+        .await
+        .expect_err("unknown");
+    assert_eq!(code, 3);
+    // With ha-cluster: joining, and promote is not there yet.
+    let cluster = TestBroker::builder().args(["--ha-cluster", "yes"]).start();
+    let conn = cluster
+        .connect_with(lapin::ConnectionProperties::default())
+        .await;
+    let mut agent = Agent::open(&conn).await;
+    assert_eq!(
+        agent.object(HA_OID).await[0]["_values"]["status"],
+        "joining"
+    );
+    let (code, text) = agent
+        .method_on(HA_OID, "promote", json!({}))
+        .await
+        .expect_err("not implemented");
+    assert_eq!(code, 4, "{text}");
+}

@@ -62,6 +62,20 @@ pub fn qpid_config_path() -> PathBuf {
     bin
 }
 
+/// The `qpid-ha` binary under test: `$QPID_HA_BIN`, else next to `qpidd_path()`.
+pub fn qpid_ha_path() -> PathBuf {
+    if let Some(bin) = std::env::var_os("QPID_HA_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = qpidd_path().with_file_name("qpid-ha");
+    assert!(
+        bin.exists(),
+        "qpid-ha not found at {} (build it with `cargo build --workspace --bins`, or set QPID_HA_BIN)",
+        bin.display()
+    );
+    bin
+}
+
 /// A `Command` for the `qpidd` under test, with no arguments and an empty `QPID_*` environment
 /// (so a developer's settings cannot leak into a test).
 pub fn qpidd_command() -> Command {

@@ -149,6 +149,12 @@ impl Broker {
         })
     }
 
+    /// The broker's system id: a uuid made when this broker (process) starts, shown as
+    /// `systemId` on the broker object and on the HA object.
+    pub fn system_id(&self) -> uuid::Uuid {
+        self.mgmt.broker_id()
+    }
+
     /// How long the broker has run.
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()

@@ -47,6 +47,106 @@ pub struct BrokerConfig {
     pub queue_purge_interval: Duration,
     /// The product version announced in connection.start.
     pub version: String,
+    /// The HA settings (`--ha-*`).
+    pub ha: HaConfig,
+}
+
+/// `--ha-replicate`: the replication level for queues and exchanges declared without
+/// `qpid.replicate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicateLevel {
+    /// `none` (the default).
+    #[default]
+    None,
+    /// `configuration`.
+    Configuration,
+    /// `all`.
+    All,
+}
+
+impl ReplicateLevel {
+    /// Qpid's name for the level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicateLevel::None => "none",
+            ReplicateLevel::Configuration => "configuration",
+            ReplicateLevel::All => "all",
+        }
+    }
+}
+
+/// The HA settings, as Qpid's HA module takes them (reference section 1.3). The HA object of
+/// the management agent exists only when `cluster` or `queue_replication` is set.
+#[derive(Clone, PartialEq)]
+pub struct HaConfig {
+    /// `--ha-cluster`: join an active/passive cluster.
+    pub cluster: bool,
+    /// `--ha-queue-replication`: allow replication of single queues outside a cluster.
+    pub queue_replication: bool,
+    /// `--ha-brokers-url`: every broker of the cluster ("" = unset).
+    pub brokers_url: String,
+    /// `--ha-public-url`: the URL advertised to clients ("" = unset).
+    pub public_url: String,
+    /// `--ha-replicate`.
+    pub replicate: ReplicateLevel,
+    /// `--ha-username`: for connections between HA brokers.
+    pub username: String,
+    /// `--ha-password`: never shown by `Debug`.
+    pub password: String,
+    /// `--ha-mechanism`.
+    pub mechanism: String,
+    /// `--ha-backup-timeout`.
+    pub backup_timeout: Duration,
+    /// `--ha-flow-messages` (0 = no limit).
+    pub flow_messages: u32,
+    /// `--ha-flow-bytes` (0 = no limit).
+    pub flow_bytes: u64,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            cluster: false,
+            queue_replication: false,
+            brokers_url: String::new(),
+            public_url: String::new(),
+            replicate: ReplicateLevel::None,
+            username: String::new(),
+            password: String::new(),
+            mechanism: String::new(),
+            backup_timeout: Duration::from_secs(10),
+            flow_messages: 1000,
+            flow_bytes: 0,
+        }
+    }
+}
+
+impl HaConfig {
+    /// True if the HA module is active: `--ha-cluster` or `--ha-queue-replication`.
+    pub fn enabled(&self) -> bool {
+        self.cluster || self.queue_replication
+    }
+}
+
+impl std::fmt::Debug for HaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HaConfig")
+            .field("cluster", &self.cluster)
+            .field("queue_replication", &self.queue_replication)
+            .field("brokers_url", &self.brokers_url)
+            .field("public_url", &self.public_url)
+            .field("replicate", &self.replicate)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() { "" } else { "***" },
+            )
+            .field("mechanism", &self.mechanism)
+            .field("backup_timeout", &self.backup_timeout)
+            .field("flow_messages", &self.flow_messages)
+            .field("flow_bytes", &self.flow_bytes)
+            .finish()
+    }
 }
 
 /// Defaults as documented in `docs/user-guide.md`.
@@ -94,6 +194,7 @@ impl Default for BrokerConfig {
             max_negotiate_time: Duration::from_secs(10),
             queue_purge_interval: Duration::from_millis(500),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            ha: HaConfig::default(),
         }
     }
 }

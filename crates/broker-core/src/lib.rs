@@ -26,4 +26,4 @@ pub mod queue_settings;
 pub mod server;
 pub mod store;
 
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, HaConfig, ReplicateLevel};

@@ -32,6 +32,8 @@ pub struct ConnectOptions {
     pub ha_admin: bool,
     /// `PLAIN` (the default), `AMQPLAIN`, `ANONYMOUS` or `EXTERNAL`.
     pub sasl_mechanism: Option<String>,
+    /// The connection name the broker shows (`qpid-config`, `qpid-ha`).
+    pub client_name: String,
 }
 
 impl ConnectOptions {
@@ -41,6 +43,7 @@ impl ConnectOptions {
             timeout: Some(DEFAULT_TIMEOUT),
             ha_admin: false,
             sasl_mechanism: None,
+            client_name: "qpid-config".into(),
         }
     }
 }
@@ -96,45 +99,24 @@ impl Client {
         bounded(options.timeout, &what, Client::connect_unbounded(options)).await
     }
 
+    /// Opens a connection and a channel (no management request), within the timeout:
+    /// `qpid-ha ping`.
+    pub async fn ping(options: &ConnectOptions) -> Result<(), Error> {
+        let what = format!(
+            "connecting to {}:{}",
+            options.address.host, options.address.port
+        );
+        let timeout = options.timeout;
+        bounded(timeout, &what, async {
+            let (connection, _channel) = open(options).await?;
+            let _ = connection.close(200, "OK".into()).await;
+            Ok(())
+        })
+        .await
+    }
+
     async fn connect_unbounded(options: &ConnectOptions) -> Result<Client, Error> {
-        let address = &options.address;
-        let mechanism = match &options.sasl_mechanism {
-            Some(name) => Some(
-                name.parse::<SASLMechanism>()
-                    .map_err(Error::InvalidRequest)?,
-            ),
-            None => None,
-        };
-        let uri = AMQPUri {
-            scheme: AMQPScheme::AMQP,
-            authority: AMQPAuthority {
-                userinfo: AMQPUserInfo {
-                    username: address.user.clone(),
-                    password: address.password.clone(),
-                },
-                host: address.host.clone(),
-                port: address.port,
-            },
-            vhost: address.vhost.clone(),
-            query: AMQPQueryString {
-                auth_mechanism: mechanism,
-                ..Default::default()
-            },
-        };
-        let mut properties =
-            ConnectionProperties::default().with_connection_name(LongString::from("qpid-config"));
-        if options.ha_admin {
-            properties =
-                properties.with_client_property(ShortString::from("qpid.ha-admin"), "true".into());
-        }
-        let target = format!("{}:{}", address.host, address.port);
-        let connection = Connection::connect_uri(uri, properties)
-            .await
-            .map_err(|e| Error::from_lapin(&e, &format!("cannot connect to {target}")))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| Error::from_lapin(&e, "channel.open"))?;
+        let (connection, channel) = open(options).await?;
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -318,6 +300,49 @@ impl Client {
         })
         .await;
     }
+}
+
+/// A connection and a channel on it.
+async fn open(options: &ConnectOptions) -> Result<(Connection, Channel), Error> {
+    let address = &options.address;
+    let mechanism = match &options.sasl_mechanism {
+        Some(name) => Some(
+            name.parse::<SASLMechanism>()
+                .map_err(Error::InvalidRequest)?,
+        ),
+        None => None,
+    };
+    let uri = AMQPUri {
+        scheme: AMQPScheme::AMQP,
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: address.user.clone(),
+                password: address.password.clone(),
+            },
+            host: address.host.clone(),
+            port: address.port,
+        },
+        vhost: address.vhost.clone(),
+        query: AMQPQueryString {
+            auth_mechanism: mechanism,
+            ..Default::default()
+        },
+    };
+    let mut properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(options.client_name.as_str()));
+    if options.ha_admin {
+        properties =
+            properties.with_client_property(ShortString::from("qpid.ha-admin"), "true".into());
+    }
+    let target = format!("{}:{}", address.host, address.port);
+    let connection = Connection::connect_uri(uri, properties)
+        .await
+        .map_err(|e| Error::from_lapin(&e, &format!("cannot connect to {target}")))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::from_lapin(&e, "channel.open"))?;
+    Ok((connection, channel))
 }
 
 struct Answer {

@@ -436,6 +436,64 @@ impl Operation for Replicate {
     }
 }
 
+/// The HA object's properties (`org.apache.qpid.ha:habroker:ha-broker`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HaBrokerInfo {
+    pub name: String,
+    /// `joining`, `catchup`, `ready`, `recovering`, `active` or `standalone`.
+    pub status: String,
+    pub brokers_url: String,
+    pub public_url: String,
+    pub replicate_default: String,
+    pub system_id: String,
+}
+
+/// Reads the HA object; `None` if the broker has none (it runs with neither
+/// `ha-queue-replication` nor `ha-cluster`).
+#[derive(Clone, Debug)]
+pub struct QueryHaBroker;
+
+impl Operation for QueryHaBroker {
+    type Output = Option<HaBrokerInfo>;
+    fn request(&self) -> Request {
+        class("habroker")
+    }
+    fn parse(&self, answer: Value) -> Result<Self::Output, Error> {
+        Ok(objects(answer)?
+            .into_iter()
+            .find(|o| o.object_name == HA_BROKER_OBJECT)
+            .map(|o| {
+                let v = &o.values;
+                HaBrokerInfo {
+                    name: text(v, "name"),
+                    status: text(v, "status"),
+                    brokers_url: text(v, "brokersUrl"),
+                    public_url: text(v, "publicUrl"),
+                    replicate_default: text(v, "replicateDefault"),
+                    system_id: text(v, "systemId"),
+                }
+            }))
+    }
+}
+
+/// Makes the broker the cluster's primary: the HA object's `promote` method.
+#[derive(Clone, Debug)]
+pub struct Promote;
+
+impl Operation for Promote {
+    type Output = ();
+    fn request(&self) -> Request {
+        Request::Method {
+            object: HA_BROKER_OBJECT.into(),
+            name: "promote".into(),
+            arguments: json!({}),
+        }
+    }
+    fn parse(&self, _: Value) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use broker_core::BrokerConfig;
 use broker_core::config::defaults;
+use broker_core::{BrokerConfig, HaConfig};
 
 use crate::logging::LogRule;
 
@@ -1080,7 +1080,40 @@ impl Options {
             max_negotiate_time: l.max_negotiate_time,
             queue_purge_interval: l.queue_purge_interval,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            ha: self.ha_config(),
         }
+    }
+
+    /// The HA settings as the broker takes them.
+    fn ha_config(&self) -> HaConfig {
+        let h = &self.ha;
+        HaConfig {
+            cluster: h.cluster,
+            queue_replication: h.queue_replication,
+            brokers_url: url_setting(&h.brokers_url),
+            public_url: url_setting(&h.public_url),
+            replicate: match h.replicate {
+                ReplicateLevel::None => broker_core::ReplicateLevel::None,
+                ReplicateLevel::Configuration => broker_core::ReplicateLevel::Configuration,
+                ReplicateLevel::All => broker_core::ReplicateLevel::All,
+            },
+            username: h.username.clone(),
+            password: h.password.clone(),
+            mechanism: h.mechanism.clone(),
+            backup_timeout: h.backup_timeout,
+            flow_messages: h.flow_messages,
+            flow_bytes: h.flow_bytes,
+        }
+    }
+}
+
+/// A URL option as Qpid keeps it: trimmed, and `none` means unset.
+fn url_setting(text: &str) -> String {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("none") {
+        String::new()
+    } else {
+        text.to_string()
     }
 }
 
@@ -1374,6 +1407,31 @@ mod tests {
         );
         let e = load_err(&["--auth", "maybe"], &[], "");
         assert!(e.contains("unexpected argument 'maybe'"), "{e}");
+    }
+
+    #[test]
+    fn ha_settings_reach_the_broker_config() {
+        let o = load_ok(
+            &[
+                "--ha-queue-replication",
+                "--ha-brokers-url",
+                " none ",
+                "--ha-replicate=all",
+            ],
+            &[("QPID_HA_PUBLIC_URL", "amqp:tcp:vip:5672")],
+            "ha-password=secret\nha-username=hauser\n",
+        );
+        let ha = o.broker_config(Some(1000)).ha;
+        assert!(ha.queue_replication && !ha.cluster && ha.enabled());
+        assert_eq!(ha.brokers_url, "");
+        assert_eq!(ha.public_url, "amqp:tcp:vip:5672");
+        assert_eq!(ha.replicate, broker_core::ReplicateLevel::All);
+        assert_eq!(
+            (ha.username.as_str(), ha.password.as_str()),
+            ("hauser", "secret")
+        );
+        assert!(!format!("{ha:?}").contains("secret"));
+        assert!(!load_ok(&[], &[], "").broker_config(None).ha.enabled());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `_method_request`: the broker object's methods (`create`, `delete`, `purge`, `echo`,
-//! `getLogLevel`, `setLogLevel`, `shutdown`) and the queue object's `purge`.
+//! `getLogLevel`, `setLogLevel`, `shutdown`), the queue object's `purge`, and the HA object's
+//! methods (in `ha`).
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::broker::{Broker, ExchangeDeclare, QueueDeclare};
 
 use super::error::{ErrorCode, MgmtError};
+use super::ha;
 use super::json::{Fields, to_amqp, to_table};
 use super::names::{BROKER_NAME, parse_binding_name, parse_object_id};
 use super::reply::ReplyTo;
@@ -65,13 +67,22 @@ pub fn call(
     let method = f.str("_method_name")?;
     let empty = Value::Object(Map::new());
     let args = Fields::of("_arguments", f.get("_arguments").unwrap_or(&empty))?;
-    let (out, after) = match parse_object_id(target)? {
-        ("broker", BROKER_NAME) => broker_method(broker, requester, method, args)?,
-        ("queue", name) => (
-            queue_method(broker, requester, name, method, args)?,
-            After::Nothing,
-        ),
-        _ => return Err(MgmtError::not_found(format!("no object '{target}'"))),
+    let (out, after) = if target == ha::HA_OBJECT_ID {
+        if !ha::enabled(broker) {
+            return Err(MgmtError::not_found(format!(
+                "no object '{target}': HA is disabled on this broker; start it with ha-queue-replication=yes or ha-cluster=yes"
+            )));
+        }
+        (ha::call(broker, method, args)?, After::Nothing)
+    } else {
+        match parse_object_id(target)? {
+            ("broker", BROKER_NAME) => broker_method(broker, requester, method, args)?,
+            ("queue", name) => (
+                queue_method(broker, requester, name, method, args)?,
+                After::Nothing,
+            ),
+            _ => return Err(MgmtError::not_found(format!("no object '{target}'"))),
+        }
     };
     let mut body = broker.mgmt.envelope(sequence);
     body["_arguments"] = out;

@@ -10,6 +10,7 @@
 //! sequence that every response carries too.
 //!
 //! * `error`: `MgmtError` and its `_exception` codes.
+//! * `ha`: the HA object (`org.apache.qpid.ha:habroker:ha-broker`) and its methods.
 //! * `json`: AMQP values to JSON and back, typed field access.
 //! * `names`: object ids and binding-name escaping.
 //! * `reply`: building and publishing the agent's messages.
@@ -18,6 +19,7 @@
 
 pub mod error;
 pub mod events;
+pub mod ha;
 pub mod json;
 pub mod methods;
 pub mod names;

@@ -11,10 +11,9 @@ use crate::queue::Queue;
 
 use super::QUERY_PAGE_OBJECTS;
 use super::error::MgmtError;
+use super::ha;
 use super::json::{Fields, from_table};
-use super::names::{
-    BROKER_NAME, PACKAGE, binding_name, escape, object_id, object_ref, parse_object_id,
-};
+use super::names::{BROKER_NAME, PACKAGE, binding_name, escape, object_ref, parse_object_id};
 use super::reply::ReplyTo;
 
 /// The classes a query may name.
@@ -25,11 +24,13 @@ pub const CLASSES: &[&str] = &[
     "binding",
     "connection",
     "subscription",
+    "habroker",
 ];
 
 /// One object of an answer.
 #[derive(Debug)]
 struct Object {
+    package: &'static str,
     class: &'static str,
     name: String,
     values: Value,
@@ -38,8 +39,8 @@ struct Object {
 impl Object {
     fn to_json(&self) -> Value {
         json!({
-            "_object_id": { "_object_name": object_id(self.class, &self.name) },
-            "_schema_id": { "_package_name": PACKAGE, "_class_name": self.class },
+            "_object_id": { "_object_name": format!("{}:{}:{}", self.package, self.class, self.name) },
+            "_schema_id": { "_package_name": self.package, "_class_name": self.class },
             "_values": self.values,
         })
     }
@@ -91,6 +92,7 @@ fn by_class(broker: &Broker, schema: Fields<'_>) -> Result<Vec<Object>, MgmtErro
     let class = schema.str("_class_name")?;
     if let Some(p) = schema.opt_str("_package_name")?
         && p != PACKAGE
+        && !(p == ha::HA_PACKAGE && class == ha::HA_CLASS)
     {
         return Err(MgmtError::not_found(format!("unknown package '{p}'")));
     }
@@ -104,10 +106,13 @@ fn by_class(broker: &Broker, schema: Fields<'_>) -> Result<Vec<Object>, MgmtErro
 }
 
 fn by_id(broker: &Broker, id: &str) -> Result<Vec<Object>, MgmtError> {
+    if id == ha::HA_OBJECT_ID {
+        return Ok(objects_of(broker, ha::HA_CLASS));
+    }
     let Ok((class, name)) = parse_object_id(id) else {
         return Ok(Vec::new());
     };
-    let Some(class) = CLASSES.iter().find(|c| **c == class) else {
+    let Some(class) = CLASSES.iter().find(|c| **c == class && **c != ha::HA_CLASS) else {
         return Ok(Vec::new());
     };
     let mut all = match *class {
@@ -134,6 +139,7 @@ fn objects_of(broker: &Broker, class: &'static str) -> Vec<Object> {
         "exchange" => exchanges(broker),
         "binding" => bindings(broker),
         "connection" => connections(broker),
+        "habroker" => ha_objects(broker),
         _ => subscriptions(broker),
     }
 }
@@ -146,6 +152,7 @@ fn sorted_queues(broker: &Broker) -> Vec<Arc<Queue>> {
 
 fn broker_object(broker: &Broker) -> Object {
     Object {
+        package: PACKAGE,
         class: "broker",
         name: BROKER_NAME.to_string(),
         values: json!({
@@ -158,6 +165,19 @@ fn broker_object(broker: &Broker) -> Object {
             "exchanges": broker.exchanges().len(),
         }),
     }
+}
+
+/// The HA object, if the broker has one.
+fn ha_objects(broker: &Broker) -> Vec<Object> {
+    if !ha::enabled(broker) {
+        return Vec::new();
+    }
+    vec![Object {
+        package: ha::HA_PACKAGE,
+        class: ha::HA_CLASS,
+        name: ha::HA_NAME.to_string(),
+        values: ha::values(broker),
+    }]
 }
 
 /// Bindings per queue name, counted once per query (the default exchange's adds 1 each).
@@ -192,6 +212,7 @@ fn queue(q: &Queue, counts: &HashMap<String, u64>) -> Object {
         v["altExchange"] = alt.clone().into();
     }
     Object {
+        package: PACKAGE,
         class: "queue",
         name: q.name.clone(),
         values: v,
@@ -212,6 +233,7 @@ fn exchanges(broker: &Broker) -> Vec<Object> {
                 v["altExchange"] = alt.clone().into();
             }
             Object {
+                package: PACKAGE,
                 class: "exchange",
                 name: e.name.clone(),
                 values: v,
@@ -227,6 +249,7 @@ fn bindings(broker: &Broker) -> Vec<Object> {
     for e in all {
         for b in e.bindings() {
             out.push(Object {
+                package: PACKAGE,
                 class: "binding",
                 name: binding_name(&e.name, &b.queue.name, &b.key),
                 values: json!({
@@ -246,6 +269,7 @@ fn connections(broker: &Broker) -> Vec<Object> {
         .connections()
         .into_iter()
         .map(|(id, c)| Object {
+            package: PACKAGE,
             class: "connection",
             name: id.to_string(),
             values: json!({
@@ -274,6 +298,7 @@ fn subscriptions(broker: &Broker) -> Vec<Object> {
             v.insert("exclusive".into(), c.exclusive.into());
             v.insert("arguments".into(), from_table(&c.arguments));
             out.push(Object {
+                package: PACKAGE,
                 class: "subscription",
                 name: format!("{connection}/{}/{}", c.link.channel, escape(&c.tag)),
                 values: Value::Object(v),
