@@ -66,6 +66,9 @@ struct OutboundBuf {
     dead: bool,
     /// Someone (the writer task or an inline flush) is writing taken bytes to the socket.
     writing: bool,
+    /// What an inline flush could not write (the socket was full), handed to the writer task
+    /// with `writing` left set: the writer finishes it before anything appended since.
+    handoff: Vec<u8>,
 }
 
 thread_local! {
@@ -148,7 +151,7 @@ impl Outbound {
             return;
         };
         spare.clear();
-        if self.begin_write(spare).is_none() {
+        if self.begin_inline_write(spare).is_none() {
             // The writer task is writing; it looks for more when it finishes.
             return;
         }
@@ -164,9 +167,26 @@ impl Outbound {
                 }
             }
         }
-        self.end_write(&spare[at..]);
+        if at == spare.len() {
+            self.end_write();
+        } else {
+            // The socket is full: the writer task takes over the rest (and, until it is done,
+            // inline flushes of this connection are skipped instead of retried per batch).
+            spare.drain(..at);
+            self.hand_off(spare);
+        }
         self.written(at);
         spare.clear();
+    }
+
+    fn hand_off(&self, rest: &mut Vec<u8>) {
+        let mut b = self.buf.lock();
+        debug_assert!(b.writing && b.handoff.is_empty());
+        if !b.dead {
+            std::mem::swap(&mut b.handoff, rest);
+        }
+        drop(b);
+        self.notify.notify_one();
     }
 
     /// Asks the writer to flush what is queued and then shut the socket down. Frames appended
@@ -183,9 +203,27 @@ impl Outbound {
         b.bytes.clear();
     }
 
-    /// Takes the queued bytes into `spare` (which must be empty) to write them, unless someone
-    /// else is writing (`None`). Returns whether a close was requested.
+    /// Takes the bytes to write next into `spare` (which must be empty): what an inline flush
+    /// handed off, else the queued bytes, unless someone else is writing (`None`). Only the
+    /// writer task may take a hand-off. Returns whether a close was requested.
     pub fn begin_write(&self, spare: &mut Vec<u8>) -> Option<bool> {
+        debug_assert!(spare.is_empty());
+        let mut b = self.buf.lock();
+        if !b.handoff.is_empty() {
+            // Left by an inline flush; `writing` is still set on our behalf.
+            std::mem::swap(&mut b.handoff, spare);
+            return Some(b.closing);
+        }
+        if b.writing {
+            return None;
+        }
+        std::mem::swap(&mut b.bytes, spare);
+        b.writing = !spare.is_empty();
+        Some(b.closing)
+    }
+
+    /// `begin_write` for an inline flush: never takes a hand-off (that is the writer's).
+    fn begin_inline_write(&self, spare: &mut Vec<u8>) -> Option<bool> {
         debug_assert!(spare.is_empty());
         let mut b = self.buf.lock();
         if b.writing {
@@ -196,14 +234,11 @@ impl Outbound {
         Some(b.closing)
     }
 
-    /// Ends a write begun with `begin_write`; `unwritten` goes back in front of what was
-    /// appended since, and the writer task is woken if anything is left to do.
-    pub fn end_write(&self, unwritten: &[u8]) {
+    /// Ends a write begun with `begin_write`; the writer task is woken if anything is left to
+    /// do.
+    pub fn end_write(&self) {
         let mut b = self.buf.lock();
         b.writing = false;
-        if !unwritten.is_empty() && !b.dead {
-            b.bytes.splice(0..0, unwritten.iter().copied());
-        }
         let more = !b.bytes.is_empty() || b.closing;
         drop(b);
         if more {

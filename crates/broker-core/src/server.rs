@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -121,17 +123,20 @@ async fn serve(
     _done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
-    // One socket, shared: the reader reads, and both the writer task and inline flushes at the
-    // end of a batch write (never at the same time: see `Outbound`).
-    let stream = Arc::new(stream);
+    // The reader owns the read half (its reads count against tokio's cooperative budget, so a
+    // flooding publisher cannot starve other tasks); the write half is shared by the writer
+    // task and inline flushes at the end of a batch (never writing at the same time: see
+    // `Outbound`).
+    let (rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
     let out = Arc::new(Outbound::default());
-    let inline = stream.clone();
+    let inline = wr.clone();
     out.set_try_write(Box::new(move |bytes| inline.try_write(bytes)));
     let heartbeat = Arc::new(AtomicU16::new(0));
-    let writer = tokio::spawn(write_loop(stream.clone(), out.clone(), heartbeat.clone()));
+    let writer = tokio::spawn(write_loop(wr, out.clone(), heartbeat.clone()));
     let mut conn = Connection::new(broker.clone(), peer, out.clone());
     tracing::debug!(target: "Network", "connection {} accepted from {peer}", conn.id);
-    if let Err(e) = read_loop(&broker, &mut conn, &stream, stop, (&heartbeat, &out)).await {
+    if let Err(e) = read_loop(&broker, &mut conn, rd, stop, (&heartbeat, &out)).await {
         tracing::debug!(target: "Network", "connection {} from {peer}: {e}", conn.id);
     }
     delivery::run_batch(|| conn.teardown());
@@ -144,7 +149,7 @@ async fn serve(
 async fn read_loop(
     broker: &Arc<Broker>,
     conn: &mut Connection,
-    rd: &TcpStream,
+    mut rd: OwnedReadHalf,
     mut stop: watch::Receiver<bool>,
     (heartbeat, out): (&AtomicU16, &Outbound),
 ) -> std::io::Result<()> {
@@ -154,7 +159,7 @@ async fn read_loop(
     // The protocol header.
     while buf.len() < 8 {
         let n = tokio::select! {
-            r = read_some(rd, &mut buf) => r?,
+            r = rd.read_buf(&mut buf) => r?,
             _ = tokio::time::sleep_until(negotiate_deadline) => {
                 tracing::info!(target: "Network", "connection {}: no protocol header within --max-negotiate-time", conn.id);
                 return Ok(());
@@ -202,7 +207,7 @@ async fn read_loop(
         };
         buf.reserve(READ_CHUNK_BYTES);
         tokio::select! {
-            r = read_some(rd, &mut buf) => {
+            r = rd.read_buf(&mut buf) => {
                 if r? == 0 {
                     return Ok(());
                 }
@@ -247,20 +252,8 @@ fn process_frames(conn: &mut Connection, buf: &mut BytesMut) -> bool {
     false
 }
 
-/// Reads what the socket has into `buf` (at least one byte, or 0 at end of stream).
-async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Writes all of `bytes`, waiting for the socket as needed.
-async fn write_all(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all(stream: &OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
     let mut at = 0;
     while at < bytes.len() {
         stream.writable().await?;
@@ -290,7 +283,7 @@ async fn wait_while_blocked(
     conn.send_blocked(false);
 }
 
-async fn write_loop(stream: Arc<TcpStream>, out: Arc<Outbound>, heartbeat: Arc<AtomicU16>) {
+async fn write_loop(stream: Arc<OwnedWriteHalf>, out: Arc<Outbound>, heartbeat: Arc<AtomicU16>) {
     let mut buf = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut last_write = Instant::now();
     loop {
@@ -301,7 +294,7 @@ async fn write_loop(stream: Arc<TcpStream>, out: Arc<Outbound>, heartbeat: Arc<A
         };
         if !buf.is_empty() {
             let result = write_all(&stream, &buf).await;
-            out.end_write(&[]);
+            out.end_write();
             if result.is_err() {
                 out.mark_dead();
                 break;
@@ -335,5 +328,6 @@ async fn write_loop(stream: Arc<TcpStream>, out: Arc<Outbound>, heartbeat: Arc<A
             }
         }
     }
-    let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Write);
+    let socket: &TcpStream = (*stream).as_ref();
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
 }
