@@ -61,6 +61,11 @@ pub fn reference_name(reference: &Value) -> String {
     name.splitn(3, ':').nth(2).unwrap_or(name).to_string()
 }
 
+/// A string property that may be absent or null.
+fn optional_text(values: &Map<String, Value>, key: &str) -> Option<String> {
+    values.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
 fn text(values: &Map<String, Value>, key: &str) -> String {
     values
         .get(key)
@@ -137,11 +142,7 @@ impl Operation for QueryQueues {
                 auto_delete: flag(&o.values, "autoDelete"),
                 exclusive: flag(&o.values, "exclusive"),
                 arguments: table(&o.values, "arguments"),
-                alternate_exchange: o
-                    .values
-                    .get("altExchange")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                alternate_exchange: optional_text(&o.values, "altExchange"),
                 message_depth: count(&o.values, "msgDepth"),
                 byte_depth: count(&o.values, "byteDepth"),
                 consumer_count: count(&o.values, "consumerCount"),
@@ -181,11 +182,7 @@ impl Operation for QueryExchanges {
                 durable: flag(&o.values, "durable"),
                 auto_delete: flag(&o.values, "autoDelete"),
                 arguments: table(&o.values, "arguments"),
-                alternate_exchange: o
-                    .values
-                    .get("altExchange")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                alternate_exchange: optional_text(&o.values, "altExchange"),
                 binding_count: count(&o.values, "bindingCount"),
             })
             .collect())
