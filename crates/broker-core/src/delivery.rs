@@ -182,7 +182,11 @@ impl Outbound {
     fn hand_off(&self, rest: &mut Vec<u8>) {
         let mut b = self.buf.lock();
         debug_assert!(b.writing && b.handoff.is_empty());
-        if !b.dead {
+        if b.dead {
+            // Nothing more will be written: release the write so the writer task can see the
+            // close and end.
+            b.writing = false;
+        } else {
             std::mem::swap(&mut b.handoff, rest);
         }
         drop(b);
@@ -524,5 +528,75 @@ impl Consumer {
     /// Its unacked deliveries.
     pub fn unacked(&self) -> u32 {
         self.unacked.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// An outbound whose "socket" takes at most `take` bytes per call, then would block, and
+    /// fails every write once `fail` is set.
+    fn outbound(take: usize, fail: bool) -> (Arc<Outbound>, Arc<StdMutex<Vec<u8>>>) {
+        let out = Arc::new(Outbound::default());
+        let sink = Arc::new(StdMutex::new(Vec::new()));
+        let written = sink.clone();
+        let calls = AtomicUsize::new(0);
+        out.set_try_write(Box::new(move |bytes: &[u8]| {
+            if fail {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            if calls.fetch_add(1, Ordering::Relaxed) > 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+            }
+            let n = bytes.len().min(take);
+            written.lock().unwrap().extend_from_slice(&bytes[..n]);
+            Ok(n)
+        }));
+        (out, sink)
+    }
+
+    #[test]
+    fn a_batch_writes_inline_what_it_appended() {
+        let (out, sink) = outbound(usize::MAX, false);
+        run_batch(|| out.write(|b| b.extend_from_slice(b"hello")));
+        assert_eq!(&*sink.lock().unwrap(), b"hello");
+        let mut spare = Vec::new();
+        assert_eq!(out.begin_write(&mut spare), Some(false));
+        assert!(spare.is_empty(), "nothing left for the writer");
+        assert!(!out.is_congested());
+    }
+
+    #[test]
+    fn a_full_socket_hands_the_rest_to_the_writer_in_order() {
+        let (out, sink) = outbound(3, false);
+        run_batch(|| out.write(|b| b.extend_from_slice(b"abcdef")));
+        assert_eq!(&*sink.lock().unwrap(), b"abc");
+        // Appended after the hand-off: must go out after it, and no inline write is tried.
+        run_batch(|| out.write(|b| b.extend_from_slice(b"gh")));
+        assert_eq!(&*sink.lock().unwrap(), b"abc");
+        let mut spare = Vec::new();
+        assert_eq!(out.begin_write(&mut spare), Some(false));
+        assert_eq!(spare, b"def");
+        out.end_write();
+        out.written(spare.len());
+        spare.clear();
+        assert_eq!(out.begin_write(&mut spare), Some(false));
+        assert_eq!(spare, b"gh");
+    }
+
+    #[test]
+    fn a_failed_inline_write_lets_the_writer_see_the_close() {
+        let (out, _sink) = outbound(0, true);
+        run_batch(|| out.write(|b| b.extend_from_slice(b"lost")));
+        out.close();
+        let mut spare = Vec::new();
+        assert_eq!(
+            out.begin_write(&mut spare),
+            Some(true),
+            "the writer is not locked out"
+        );
+        assert!(spare.is_empty());
     }
 }
