@@ -130,21 +130,7 @@ async fn vhost_other_than_root_is_refused_with_530() {
 fn vhost_refusal_names_connection_open() {
     let broker = TestBroker::start();
     let mut client = RawClient::connect(broker.port());
-    client.send(integration_tests::PROTOCOL_HEADER);
-    let _start = client.read_method();
-    client.send(&method_frame(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0guest"),
-            locale: "en_US".into(),
-        })),
-    ));
-    let tune = match client.read_method() {
-        (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
-        other => panic!("expected tune, got {other:?}"),
-    };
+    let (_start, tune) = client.negotiate_to_tune(FieldTable::default());
     client.send(&method_frame(
         0,
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
@@ -195,44 +181,15 @@ fn tune_carries_the_configured_limits_and_heartbeat() {
         ])
         .start();
     let mut client = RawClient::connect(broker.port());
-    client.send(integration_tests::PROTOCOL_HEADER);
-    let _start = client.read_method();
-    client.send(&method_frame(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0guest"),
-            locale: "en_US".into(),
-        })),
-    ));
-    match client.read_method() {
-        (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => {
-            assert_eq!((t.channel_max, t.frame_max, t.heartbeat), (77, 65536, 9));
-        }
-        other => panic!("expected tune, got {other:?}"),
-    }
+    let (_start, t) = client.negotiate_to_tune(FieldTable::default());
+    assert_eq!((t.channel_max, t.frame_max, t.heartbeat), (77, 65536, 9));
 }
 
 #[test]
 fn broker_sends_heartbeats_at_the_negotiated_interval() {
     let broker = TestBroker::builder().args(["--heartbeat", "1"]).start();
     let mut client = RawClient::connect(broker.port());
-    client.send(integration_tests::PROTOCOL_HEADER);
-    let _start = client.read_method();
-    client.send(&method_frame(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0guest"),
-            locale: "en_US".into(),
-        })),
-    ));
-    let tune = match client.read_method() {
-        (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
-        other => panic!("expected tune, got {other:?}"),
-    };
+    let (_start, tune) = client.negotiate_to_tune(FieldTable::default());
     assert_eq!(tune.heartbeat, 1);
     client.send(&method_frame(
         0,
@@ -318,21 +275,7 @@ async fn client_close_is_answered_and_other_connections_go_on() {
 fn silent_client_is_disconnected_after_missed_heartbeats() {
     let broker = TestBroker::builder().args(["--heartbeat", "1"]).start();
     let mut client = RawClient::connect(broker.port());
-    client.send(integration_tests::PROTOCOL_HEADER);
-    let _start = client.read_method();
-    client.send(&method_frame(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0guest"),
-            locale: "en_US".into(),
-        })),
-    ));
-    let tune = match client.read_method() {
-        (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
-        other => panic!("expected tune, got {other:?}"),
-    };
+    let (_start, tune) = client.negotiate_to_tune(FieldTable::default());
     client.send(&method_frame(
         0,
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {

@@ -146,18 +146,7 @@ async fn frame_max_asked_above_the_broker_limit_is_clamped_by_negotiation() {
 fn tune_ok_with_a_frame_max_above_the_broker_limit_is_refused() {
     let broker = TestBroker::builder().args(["--frame-max", "8192"]).start();
     let mut client = RawClient::connect(broker.port());
-    client.send(integration_tests::PROTOCOL_HEADER);
-    let _start = client.read_method();
-    client.send(&method_frame(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0guest"),
-            locale: "en_US".into(),
-        })),
-    ));
-    let _tune = client.read_method();
+    let _ = client.negotiate_to_tune(FieldTable::default());
     client.send(&method_frame(
         0,
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {

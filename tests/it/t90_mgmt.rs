@@ -3,12 +3,10 @@
 //! `strict`, events with their sequence numbers, permissions, malformed requests, log level and
 //! shutdown.
 
-use std::time::Duration;
-
 use amq_protocol::types::{AMQPValue, LongString};
 use integration_tests::{
-    REPLY_DEADLINE, TempDir, TestBroker, channel, consume, declare, drain, next_delivery,
-    run_qpidd, send, table,
+    REPLY_DEADLINE, TempDir, TestBroker, add_user, channel, consume, declare, drain, next_delivery,
+    send, table,
 };
 use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -575,25 +573,10 @@ async fn events_carry_increasing_sequences_that_queries_report() {
     );
 }
 
-async fn add_user(dir: &TempDir, name: &str, password: &str) {
-    let add = run_qpidd(
-        &[
-            std::ffi::OsStr::new("--data-dir"),
-            dir.path().as_os_str(),
-            std::ffi::OsStr::new("--user-add"),
-            std::ffi::OsStr::new(name),
-        ],
-        &[],
-        Some(&format!("{password}\n")),
-        Duration::from_secs(20),
-    );
-    assert!(add.status.success(), "--user-add: {add:?}");
-}
-
 #[tokio::test]
 async fn only_admins_may_manage() {
     let dir = TempDir::new("mgmt-users");
-    add_user(&dir, "plain", "pw").await;
+    add_user(dir.path(), "plain", "", "pw");
     let broker = TestBroker::builder()
         .auth(true)
         .data_dir(dir.path())

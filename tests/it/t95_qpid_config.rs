@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{TempDir, TestBroker, channel, declare, qpid_config_path, run_qpidd, send};
+use integration_tests::{TempDir, TestBroker, add_user, channel, declare, qpid_config_path, send};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
@@ -509,18 +509,7 @@ fn wrong_password_is_an_auth_error() {
 #[test]
 fn users_without_admin_are_refused() {
     let dir = TempDir::new("qpid-config-users");
-    let add = run_qpidd(
-        &[
-            std::ffi::OsStr::new("--data-dir"),
-            dir.path().as_os_str(),
-            std::ffi::OsStr::new("--user-add"),
-            std::ffi::OsStr::new("plain"),
-        ],
-        &[],
-        Some("pw\n"),
-        Duration::from_secs(20),
-    );
-    assert!(add.status.success(), "--user-add: {add:?}");
+    add_user(dir.path(), "plain", "", "pw");
     let broker = TestBroker::builder()
         .auth(true)
         .data_dir(dir.path())

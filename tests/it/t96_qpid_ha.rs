@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{TempDir, TestBroker, channel, declare, qpid_ha_path, run_qpidd};
+use integration_tests::{TempDir, TestBroker, add_user, channel, declare, qpid_ha_path};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
@@ -325,20 +325,7 @@ fn unreachable_and_silent_brokers() {
 #[test]
 fn config_file_gives_credentials_port_and_mechanism() {
     let dir = TempDir::new("qpid-ha-users");
-    let add = run_qpidd(
-        &[
-            std::ffi::OsStr::new("--data-dir"),
-            dir.path().as_os_str(),
-            std::ffi::OsStr::new("--user-add"),
-            std::ffi::OsStr::new("hauser"),
-            std::ffi::OsStr::new("--user-tags"),
-            std::ffi::OsStr::new("admin,ha"),
-        ],
-        &[],
-        Some("s3cret\n"),
-        Duration::from_secs(20),
-    );
-    assert!(add.status.success(), "--user-add: {add:?}");
+    add_user(dir.path(), "hauser", "admin,ha", "s3cret");
     let broker = TestBroker::builder()
         .auth(true)
         .data_dir(dir.path())

@@ -181,6 +181,24 @@ fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Adds a user to the users file of `data_dir` with `qpidd --user-add` (password on stdin),
+/// with `tags` (comma list) when not empty, and asserts that it worked.
+pub fn add_user(data_dir: &Path, name: &str, tags: &str, password: &str) {
+    let mut args = vec![
+        std::ffi::OsStr::new("--data-dir"),
+        data_dir.as_os_str(),
+        std::ffi::OsStr::new("--user-add"),
+        std::ffi::OsStr::new(name),
+    ];
+    if !tags.is_empty() {
+        args.push(std::ffi::OsStr::new("--user-tags"));
+        args.push(std::ffi::OsStr::new(tags));
+    }
+    let stdin = format!("{password}\n");
+    let add = run_qpidd(&args, &[], Some(stdin.as_str()), Duration::from_secs(20));
+    assert!(add.status.success(), "--user-add: {add:?}");
+}
+
 /// Polls `condition` until it holds (true) or `deadline` passes (false).
 pub fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -644,8 +662,12 @@ impl RawClient {
         (client, start)
     }
 
-    /// Sends the protocol header and completes the handshake with `client_properties`.
-    pub fn handshake_to_open(&mut self, client_properties: FieldTable) -> connection::Start {
+    /// Sends the protocol header and start-ok (PLAIN guest/guest with `client_properties`),
+    /// returning the broker's connection.start and connection.tune.
+    pub fn negotiate_to_tune(
+        &mut self,
+        client_properties: FieldTable,
+    ) -> (connection::Start, connection::Tune) {
         self.send(PROTOCOL_HEADER);
         let start = match self.read_method() {
             (0, AMQPClass::Connection(connection::AMQPMethod::Start(start))) => start,
@@ -664,6 +686,12 @@ impl RawClient {
             (0, AMQPClass::Connection(connection::AMQPMethod::Tune(tune))) => tune,
             other => panic!("expected connection.tune, got {other:?}"),
         };
+        (start, tune)
+    }
+
+    /// Sends the protocol header and completes the handshake with `client_properties`.
+    pub fn handshake_to_open(&mut self, client_properties: FieldTable) -> connection::Start {
+        let (start, tune) = self.negotiate_to_tune(client_properties);
         self.send(&method_frame(
             0,
             AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
