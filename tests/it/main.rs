@@ -1,6 +1,7 @@
 //! Integration tests: each starts real `qpidd` processes (through `integration_tests::TestBroker`)
 //! and judges them with a real client (lapin) or a raw socket, one module per area.
 
+mod t100_replication;
 mod t10_connection;
 mod t20_exchanges;
 mod t30_queues;

@@ -316,12 +316,19 @@ pub struct TestBrokerBuilder {
     data_dir: DataDir,
     auth: bool,
     port_from_env: bool,
+    port: Option<u16>,
 }
 
 impl TestBrokerBuilder {
     /// Gives the port as `QPID_PORT=0` in the environment instead of `--port 0`.
     pub fn port_from_env(mut self) -> Self {
         self.port_from_env = true;
+        self
+    }
+
+    /// Listens on `port` instead of a free one (to restart a broker where it was).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
         self
     }
 
@@ -376,10 +383,11 @@ impl TestBrokerBuilder {
             _ => None,
         };
         let mut command = qpidd_command();
+        let port = self.port.unwrap_or(0).to_string();
         if self.port_from_env {
-            command.env("QPID_PORT", "0");
+            command.env("QPID_PORT", &port);
         } else {
-            command.arg("--port").arg("0");
+            command.arg("--port").arg(&port);
         }
         match (&self.data_dir, &temp_dir) {
             (DataDir::At(dir), _) => {
@@ -480,6 +488,7 @@ impl TestBroker {
             data_dir: DataDir::None,
             auth: false,
             port_from_env: false,
+            port: None,
         }
     }
 
@@ -1135,4 +1144,120 @@ pub fn assert_x_death(properties: &lapin::BasicProperties, queue: &str, reason: 
         Some(AMQPValue::LongLongInt(1) | AMQPValue::LongInt(1) | AMQPValue::LongUInt(1)) => {}
         other => panic!("x-death count must be 1, got {other:?}"),
     }
+}
+
+/// A TCP proxy the test controls, to cut or stall a link between two brokers: it forwards
+/// connections from its own loopback port to `target`.
+pub struct TcpProxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    stalled: std::sync::atomic::AtomicBool,
+    refusing: std::sync::atomic::AtomicBool,
+    stopped: std::sync::atomic::AtomicBool,
+    sockets: Mutex<Vec<TcpStream>>,
+    accepted: AtomicU64,
+}
+
+impl TcpProxy {
+    /// A proxy on a free loopback port forwarding to `127.0.0.1:target`.
+    pub fn start(target: u16) -> TcpProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let shared = Arc::new(ProxyShared::default());
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            while !s.stopped.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        if s.refusing.load(Ordering::Acquire) {
+                            drop(client);
+                            continue;
+                        }
+                        let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                            continue;
+                        };
+                        s.accepted.fetch_add(1, Ordering::AcqRel);
+                        for sock in [&client, &server] {
+                            if let Ok(c) = sock.try_clone() {
+                                s.sockets.lock().unwrap().push(c);
+                            }
+                        }
+                        for (from, to) in [
+                            (client.try_clone(), server.try_clone()),
+                            (Ok(server), Ok(client)),
+                        ] {
+                            if let (Ok(from), Ok(to)) = (from, to) {
+                                let s = s.clone();
+                                std::thread::spawn(move || pump(from, to, &s));
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        TcpProxy { port, shared }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Acquire)
+    }
+
+    /// Closes every forwarded connection; with `refuse`, new ones are closed at once too until
+    /// `restore`.
+    pub fn cut(&self, refuse: bool) {
+        self.shared.refusing.store(refuse, Ordering::Release);
+        for s in self.shared.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn restore(&self) {
+        self.shared.refusing.store(false, Ordering::Release);
+    }
+
+    /// Stops (true) or resumes (false) forwarding bytes, keeping the connections open.
+    pub fn stall(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::Release);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        self.cut(true);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, shared: &ProxyShared) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while shared.stalled.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }

@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use parking_lot::{ReentrantMutex, ReentrantMutexGuard, RwLock};
+use parking_lot::{Mutex, ReentrantMutex, ReentrantMutexGuard, RwLock};
 use tokio::sync::watch;
 
 use crate::auth::UserDb;
@@ -23,6 +23,7 @@ use crate::mgmt::events::{BindingEvent, SubscriptionEvent};
 use crate::mgmt::{Event, Management};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
 use crate::queue_settings::QueueSettings;
+use crate::replication::{HaModule, ReplicatingSubscription};
 
 /// The predeclared exchanges.
 const PREDECLARED: &[(&str, ExchangeKind)] = &[
@@ -64,6 +65,10 @@ pub struct Broker {
     /// (a queue deletion auto-deletes an exchange). Taken before any other lock.
     config_lock: ReentrantMutex<()>,
     self_ref: Weak<Broker>,
+    /// The replica side of queue replication, installed by the daemon when HA is on.
+    ha_module: std::sync::OnceLock<Arc<dyn HaModule>>,
+    /// Replicating subscriptions served by this broker (as an original).
+    subscriptions: Mutex<Vec<Weak<ReplicatingSubscription>>>,
 }
 
 /// What queue.declare answers.
@@ -145,6 +150,8 @@ impl Broker {
                 mgmt: Management::default(),
                 config_lock: ReentrantMutex::new(()),
                 self_ref: me.clone(),
+                ha_module: std::sync::OnceLock::new(),
+                subscriptions: Mutex::new(Vec::new()),
             }
         })
     }
@@ -474,6 +481,7 @@ impl Broker {
         }
         let _config = self.config_guard();
         let q = self.queue_for(connection_id, queue)?;
+        q.replica_refusal("bind")?;
         let e = self
             .exchange(exchange)
             .ok_or_else(|| no_exchange(exchange))?;
@@ -525,7 +533,9 @@ impl Broker {
 
     /// queue.purge.
     pub fn purge(&self, connection_id: u64, queue: &str) -> Result<u32, AmqpError> {
-        Ok(self.queue_for(connection_id, queue)?.purge())
+        let q = self.queue_for(connection_id, queue)?;
+        q.replica_refusal("purge")?;
+        Ok(q.purge())
     }
 
     // ---- routing ----------------------------------------------------------------------------
@@ -539,7 +549,9 @@ impl Broker {
         out: &mut Vec<Arc<Queue>>,
     ) -> Result<(), AmqpError> {
         if exchange.is_empty() {
-            if let Some(q) = self.queues.read().get(routing_key) {
+            if let Some(q) = self.queues.read().get(routing_key)
+                && !q.is_replica()
+            {
                 out.push(q.clone());
             }
             return Ok(());
@@ -553,6 +565,8 @@ impl Broker {
             )));
         }
         e.route(routing_key, message, out);
+        // A replica takes nothing from local publishers.
+        out.retain(|q| !q.is_replica());
         // Unroutable: follow alternate exchanges (RabbitMQ's and Qpid's `alternate-exchange`),
         // a bounded number of hops so that a cycle of alternates ends.
         let mut current = e;
@@ -564,6 +578,7 @@ impl Broker {
                 break;
             };
             next.route(routing_key, message, out);
+            out.retain(|q| !q.is_replica());
             current = next;
         }
         Ok(())
@@ -628,6 +643,40 @@ impl Broker {
             .collect();
         for q in exclusive {
             self.remove_queue(&q);
+        }
+    }
+
+    /// Installs the HA module (once).
+    pub fn set_ha_module(&self, module: Arc<dyn HaModule>) {
+        let _ = self.ha_module.set(module);
+    }
+
+    /// The HA module, if installed.
+    pub fn ha_module(&self) -> Option<&Arc<dyn HaModule>> {
+        self.ha_module.get()
+    }
+
+    /// Registers a replicating subscription (for `qpid-ha query` and the periodic tick).
+    pub fn add_subscription(&self, sub: &Arc<ReplicatingSubscription>) {
+        let mut subs = self.subscriptions.lock();
+        subs.retain(|w| w.strong_count() > 0);
+        subs.push(Arc::downgrade(sub));
+    }
+
+    /// The replicating subscriptions alive now.
+    pub fn subscriptions(&self) -> Vec<Arc<ReplicatingSubscription>> {
+        self.subscriptions
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Periodic HA work: ack timeouts and lag events of replicating subscriptions.
+    pub fn ha_tick(&self) {
+        let now = self.now_ms();
+        for s in self.subscriptions() {
+            s.tick(now);
         }
     }
 

@@ -8,6 +8,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::ShortString;
 
 use crate::broker::{Broker, ExchangeDeclare, QueueDeclare, server_generated_name};
+use crate::confirms::{Confirms, PendingConfirm};
 use crate::delivery::{ChannelLink, Consumer, Unacked};
 use crate::error::AmqpError;
 use crate::message::{Message, MessageBuilder, parse_expiration};
@@ -17,6 +18,7 @@ use crate::protocol::control::write_method;
 use crate::protocol::hot::{self, ContentHeader, Publish, Settle};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
 use crate::queue_settings::Overflow;
+use crate::replication::{self, ReplicatingSubscription};
 
 /// What the channel needs from its connection.
 #[derive(Debug)]
@@ -30,6 +32,10 @@ pub struct ChannelContext<'a> {
     pub checked_user: Option<&'a str>,
     /// The principal has the `admin` tag (management requests).
     pub admin: bool,
+    /// The principal has the `ha` tag (replicating subscriptions).
+    pub ha: bool,
+    /// The connection's remote address.
+    pub peer: std::net::SocketAddr,
 }
 
 /// A publish waiting for its content.
@@ -48,12 +54,12 @@ struct Publication {
     mandatory: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ConfirmState {
     /// Sequence number of the last publish seen (the first is 1).
     last_seq: u64,
-    /// Acks decided but not yet written (written once per read batch, `multiple`).
-    ack_pending_upto: Option<u64>,
+    /// Decided publishes and their holds; acks are written once per read batch, `multiple`.
+    confirms: Arc<Confirms>,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +87,8 @@ pub struct Channel {
     default_prefetch: u32,
     last_queue: Option<String>,
     route_buf: Vec<Arc<Queue>>,
+    /// The replicating subscription this channel carries (it then carries nothing else).
+    replication: Option<Arc<ReplicatingSubscription>>,
 }
 
 impl Channel {
@@ -95,6 +103,7 @@ impl Channel {
             default_prefetch: 0,
             last_queue: None,
             route_buf: Vec::new(),
+            replication: None,
         }
     }
 
@@ -119,7 +128,19 @@ impl Channel {
         if p.immediate {
             return Err(AmqpError::not_implemented("immediate=true"));
         }
-        if !p.exchange.is_empty() {
+        if p.exchange == replication::CONTROL_EXCHANGE {
+            if self
+                .replication
+                .as_ref()
+                .is_none_or(|r| r.tag != p.routing_key)
+            {
+                return Err(AmqpError::access_refused(format!(
+                    "only the channel of replicating subscription '{}' may publish to '{}'",
+                    p.routing_key,
+                    replication::CONTROL_EXCHANGE
+                )));
+            }
+        } else if !p.exchange.is_empty() {
             match ctx.broker.exchange(p.exchange) {
                 None => {
                     return Err(AmqpError::not_found(format!(
@@ -189,43 +210,51 @@ impl Channel {
             h.body_size as usize,
         ));
         if h.body_size == 0 {
-            self.complete(ctx);
+            self.complete(ctx)?;
         }
         Ok(true)
     }
 
     /// A body frame. `Ok(false)`: unexpected here (no header yet, or more than announced).
-    pub fn content_body(&mut self, ctx: &ChannelContext<'_>, chunk: &[u8]) -> bool {
+    pub fn content_body(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        chunk: &[u8],
+    ) -> Result<bool, AmqpError> {
         let Some(builder) = self.pending.as_mut().and_then(|p| p.builder.as_mut()) else {
-            return false;
+            return Ok(false);
         };
         if !builder.push_body(chunk) {
-            return false;
+            return Ok(false);
         }
         if builder.is_complete() {
-            self.complete(ctx);
+            self.complete(ctx)?;
         }
-        true
+        Ok(true)
     }
 
-    fn complete(&mut self, ctx: &ChannelContext<'_>) {
+    fn complete(&mut self, ctx: &ChannelContext<'_>) -> Result<(), AmqpError> {
         let Some(PendingPublish {
             mandatory,
             builder: Some(builder),
             ..
         }) = self.pending.take()
         else {
-            return;
+            return Ok(());
         };
         let publication = Publication {
             message: builder.finish(),
             mandatory,
         };
+        if publication.message.exchange() == replication::CONTROL_EXCHANGE {
+            return self.id_chunk(&publication.message);
+        }
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push(publication);
-            return;
+            return Ok(());
         }
         self.route_and_confirm(ctx, publication);
+        Ok(())
     }
 
     fn route_and_confirm(&mut self, ctx: &ChannelContext<'_>, p: Publication) {
@@ -249,8 +278,19 @@ impl Channel {
         let routed = to_agent || !self.route_buf.is_empty();
         let now = ctx.broker.now_ms();
         let mut rejected = false;
+        let seq = self.confirm.as_mut().map(|c| {
+            c.last_seq += 1;
+            c.last_seq
+        });
+        let pending = match (&self.confirm, seq) {
+            (Some(c), Some(seq)) => Some(PendingConfirm {
+                confirms: &c.confirms,
+                seq,
+            }),
+            _ => None,
+        };
         for q in &self.route_buf {
-            if q.enqueue(m.clone(), now) == EnqueueOutcome::Rejected {
+            if q.enqueue_confirmed(m.clone(), now, pending) == EnqueueOutcome::Rejected {
                 rejected = true;
                 if q.settings.overflow == Overflow::RejectPublishDlx {
                     let entry = QueuedMessage {
@@ -273,36 +313,37 @@ impl Channel {
                 hot::write_content(out, ch, m.raw_properties(), m.body(), frame_max);
             });
         }
-        if let Some(c) = self.confirm.as_mut() {
-            c.last_seq += 1;
+        if let (Some(c), Some(seq)) = (&self.confirm, seq) {
             if rejected {
-                let seq = c.last_seq;
-                let upto = c.ack_pending_upto.take();
-                let ch = self.link.channel;
-                self.link.out.write(|out| {
-                    if let Some(u) = upto {
-                        hot::write_ack(out, ch, u, true);
-                    }
-                    hot::write_nack(out, ch, seq, false, false);
-                });
+                c.confirms.nack(seq);
             } else {
-                c.ack_pending_upto = Some(c.last_seq);
+                c.confirms.decided(seq);
             }
         }
     }
 
-    /// Writes the publisher confirms decided during this read batch, as one `multiple` ack.
+    /// Writes the publisher confirms decided during this read batch (and not held), as one
+    /// `multiple` ack.
     pub fn flush_confirms(&mut self) {
-        if let Some(upto) = self
-            .confirm
-            .as_mut()
-            .and_then(|c| c.ack_pending_upto.take())
-        {
-            let ch = self.id();
-            self.link
-                .out
-                .write(|out| hot::write_ack(out, ch, upto, true));
+        if let Some(c) = &self.confirm {
+            c.confirms.flush();
         }
+    }
+
+    /// An id-set chunk of this channel's replicating subscription.
+    fn id_chunk(&mut self, m: &Message) -> Result<(), AmqpError> {
+        let Some(sub) = self.replication.clone() else {
+            return Ok(());
+        };
+        let last = m
+            .summary()
+            .headers
+            .and_then(crate::fields::decode_table)
+            .and_then(|h| {
+                crate::fields::get(&h, replication::HEADER_LAST).and_then(crate::fields::as_bool)
+            })
+            .unwrap_or(false);
+        sub.id_chunk(m.body(), last)
     }
 
     /// basic.ack / basic.nack / basic.reject from a consumer.
@@ -317,6 +358,14 @@ impl Channel {
         } else {
             SettleKind::Ack
         };
+        if let Some(sub) = &self.replication {
+            if kind == SettleKind::Nack {
+                return Err(AmqpError::precondition_failed(
+                    "a replicating subscription's deliveries can only be acknowledged",
+                ));
+            }
+            return sub.acked(s.delivery_tag, s.multiple);
+        }
         if let Some(tx) = self.tx.as_mut() {
             // Applied (and validated) at tx.commit.
             tx.settles.push((s, kind));
@@ -384,7 +433,12 @@ impl Channel {
                         "cannot switch from tx to confirm mode",
                     ));
                 }
-                self.confirm.get_or_insert_with(ConfirmState::default);
+                if self.confirm.is_none() {
+                    self.confirm = Some(ConfirmState {
+                        last_seq: 0,
+                        confirms: Confirms::new(self.link.clone()),
+                    });
+                }
                 if !s.nowait {
                     self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
                         confirm::SelectOk {},
@@ -579,6 +633,7 @@ impl Channel {
             basic::AMQPMethod::Get(g) => {
                 let name = self.queue_name(&g.queue)?;
                 let q = ctx.broker.queue_for(ctx.connection_id, &name)?;
+                q.replica_refusal("get from")?;
                 let now = ctx.broker.now_ms();
                 if !q.get(&self.link, g.no_ack, now) {
                     self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(
@@ -619,8 +674,17 @@ impl Channel {
     }
 
     fn consume(&mut self, ctx: &ChannelContext<'_>, c: basic::Consume) -> Result<(), AmqpError> {
+        if crate::fields::get(&c.arguments, replication::ARG_REPSUB).is_some() {
+            return self.replicating_consume(ctx, c);
+        }
+        if self.replication.is_some() {
+            return Err(AmqpError::precondition_failed(
+                "this channel carries a replicating subscription and nothing else",
+            ));
+        }
         let name = self.queue_name(&c.queue)?;
         let q = ctx.broker.queue_for(ctx.connection_id, &name)?;
+        q.replica_refusal("consume from")?;
         let tag = if c.consumer_tag.as_str().is_empty() {
             server_generated_name("amq.ctag-")
         } else {
@@ -677,7 +741,112 @@ impl Channel {
         Ok(())
     }
 
+    /// basic.consume of a replicating subscription (`docs/design/replication.md` 3.1).
+    fn replicating_consume(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        c: basic::Consume,
+    ) -> Result<(), AmqpError> {
+        use crate::fields::{as_i64, as_str, get};
+        let b = ctx.broker;
+        if !b.config.ha.enabled() {
+            return Err(AmqpError::precondition_failed(
+                "queue replication is disabled on this broker: start it with ha-queue-replication=yes",
+            ));
+        }
+        if !ctx.ha {
+            return Err(AmqpError::access_refused(
+                "replication requires a user with the 'ha' tag",
+            ));
+        }
+        if self.replication.is_some() || !self.link.lock().consumers.is_empty() {
+            return Err(AmqpError::precondition_failed(
+                "a replicating subscription needs a channel of its own",
+            ));
+        }
+        let name = c.queue.to_string();
+        let q = b
+            .queue(&name)
+            .ok_or_else(|| AmqpError::not_found(format!("no queue '{name}' in vhost '/'")))?;
+        let version = get(&c.arguments, replication::ARG_VERSION).and_then(as_i64);
+        if version != Some(replication::PROTOCOL_VERSION) {
+            let shown = version.map_or("absent".to_string(), |v| v.to_string());
+            return Err(AmqpError::precondition_failed(format!(
+                "replication protocol version {shown} is not supported: this broker speaks {}",
+                replication::PROTOCOL_VERSION
+            )));
+        }
+        let incarnation = get(&c.arguments, replication::ARG_INCARNATION)
+            .and_then(as_str)
+            .unwrap_or("");
+        let ours = q.incarnation().to_string();
+        if !incarnation.is_empty() && incarnation != ours {
+            return Err(AmqpError::precondition_failed(format!(
+                "incarnation mismatch: the original queue '{name}' is incarnation {ours}"
+            )));
+        }
+        if q.is_replica() {
+            return Err(AmqpError::precondition_failed(format!(
+                "queue '{name}' is itself a replica here; replicate from its original"
+            )));
+        }
+        let info = get(&c.arguments, replication::ARG_INFO).and_then(|v| match v {
+            amq_protocol::types::AMQPValue::FieldTable(t) => Some(t.clone()),
+            _ => None,
+        });
+        let field = |k: &str| {
+            info.as_ref()
+                .and_then(|t| get(t, k))
+                .and_then(as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let replica = replication::subscription::ReplicaInfo {
+            system_id: field("system-id"),
+            host: field("host"),
+            port: info
+                .as_ref()
+                .and_then(|t| get(t, "port"))
+                .and_then(as_i64)
+                .unwrap_or(0),
+            peer: ctx.peer.to_string(),
+        };
+        if replica.system_id == b.system_id().to_string() {
+            return Err(AmqpError::precondition_failed(
+                "the original's address is this broker's own: a queue cannot replicate itself",
+            ));
+        }
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            server_generated_name("qpid.ha-q-")
+        } else {
+            c.consumer_tag.to_string()
+        };
+        let flow = b.config.ha.flow_messages;
+        let window = match (self.default_prefetch, flow) {
+            (0, f) => f,
+            (p, 0) => p,
+            (p, f) => p.min(f),
+        };
+        if !c.nowait {
+            self.reply(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(
+                basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                },
+            )));
+        }
+        let sub = ReplicatingSubscription::start(b, tag, q, self.link.clone(), replica, window);
+        b.add_subscription(&sub);
+        self.replication = Some(sub);
+        Ok(())
+    }
+
     fn cancel(&mut self, ctx: &ChannelContext<'_>, tag: &str) {
+        if self.replication.as_ref().is_some_and(|r| r.tag == tag) {
+            if let Some(sub) = self.replication.take() {
+                sub.close();
+            }
+            return;
+        }
         let Some(consumer) = self.link.lock().consumers.remove(tag) else {
             return;
         };
@@ -735,6 +904,9 @@ impl Channel {
     pub fn shutdown(&mut self, broker: &Arc<Broker>) {
         self.pending = None;
         self.tx = None;
+        if let Some(sub) = self.replication.take() {
+            sub.close();
+        }
         let (unacked, consumers) = self.link.close();
         for c in consumers {
             if c.mark_cancelled() {

@@ -101,7 +101,18 @@ pub struct HaConfig {
     pub flow_messages: u32,
     /// `--ha-flow-bytes` (0 = no limit).
     pub flow_bytes: u64,
+    /// `--link-maintenance-interval`: how soon a replica retries its link (doubling after
+    /// failures, capped at [`LINK_RETRY_MAX`], reset on success).
+    pub link_maintenance_interval: Duration,
+    /// `--link-heartbeat-interval`: the heartbeat of links to other brokers.
+    pub link_heartbeat_interval: Duration,
+    /// `--ha-ack-timeout`: how long a ready replica may leave its oldest event unacknowledged
+    /// before it stops holding confirms (`None` = the link heartbeat interval).
+    pub ack_timeout: Option<Duration>,
 }
+
+/// The cap of the link retry backoff.
+pub const LINK_RETRY_MAX: Duration = Duration::from_secs(4);
 
 impl Default for HaConfig {
     fn default() -> Self {
@@ -117,6 +128,9 @@ impl Default for HaConfig {
             backup_timeout: Duration::from_secs(10),
             flow_messages: 1000,
             flow_bytes: 0,
+            link_maintenance_interval: Duration::from_millis(500),
+            link_heartbeat_interval: Duration::from_secs(5),
+            ack_timeout: None,
         }
     }
 }
@@ -125,6 +139,11 @@ impl HaConfig {
     /// True if the HA module is active: `--ha-cluster` or `--ha-queue-replication`.
     pub fn enabled(&self) -> bool {
         self.cluster || self.queue_replication
+    }
+
+    /// The effective `--ha-ack-timeout`.
+    pub fn effective_ack_timeout(&self) -> Duration {
+        self.ack_timeout.unwrap_or(self.link_heartbeat_interval)
     }
 }
 

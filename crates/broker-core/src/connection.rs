@@ -402,7 +402,7 @@ impl Connection {
                 "method {class_id}.{method_id} on channel {ch} while content was expected"
             ))));
         }
-        let ctx = channel_context(&self.broker, self.id, &self.principal);
+        let ctx = channel_context(&self.broker, self.id, &self.principal, self.peer);
         let soft = |e: AmqpError| {
             if e.is_hard() {
                 hard(e)
@@ -476,7 +476,7 @@ impl Connection {
     }
 
     fn content_header(&mut self, ch: u16, payload: &[u8]) -> Result<(), Failure> {
-        let ctx = channel_context(&self.broker, self.id, &self.principal);
+        let ctx = channel_context(&self.broker, self.id, &self.principal, self.peer);
         let Some(channel) = self.channels.get_mut(&ch) else {
             return Err(hard(AmqpError::channel_error(format!(
                 "content header on channel {ch}, which is not open"
@@ -497,7 +497,7 @@ impl Connection {
     }
 
     fn content_body(&mut self, ch: u16, payload: &[u8]) -> Result<(), Failure> {
-        let ctx = channel_context(&self.broker, self.id, &self.principal);
+        let ctx = channel_context(&self.broker, self.id, &self.principal, self.peer);
         let Some(channel) = self.channels.get_mut(&ch) else {
             return Err(hard(AmqpError::channel_error(format!(
                 "content body on channel {ch}, which is not open"
@@ -506,12 +506,12 @@ impl Connection {
         if channel.closing {
             return Ok(());
         }
-        if channel.content_body(&ctx, payload) {
-            Ok(())
-        } else {
-            Err(hard(AmqpError::unexpected_frame(format!(
+        match channel.content_body(&ctx, payload) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(hard(AmqpError::unexpected_frame(format!(
                 "content body on channel {ch} without a content header, or longer than announced"
-            ))))
+            )))),
+            Err(e) => Err(Failure::Channel(ch, e)),
         }
     }
 
@@ -609,6 +609,7 @@ fn channel_context<'a>(
     broker: &'a Arc<Broker>,
     id: u64,
     principal: &'a Option<Principal>,
+    peer: SocketAddr,
 ) -> ChannelContext<'a> {
     let checked_user = if broker.config.auth {
         principal.as_ref().map(|p| p.user.as_str())
@@ -620,6 +621,8 @@ fn channel_context<'a>(
         connection_id: id,
         checked_user,
         admin: principal.as_ref().is_some_and(|p| p.admin),
+        ha: principal.as_ref().is_some_and(|p| p.ha),
+        peer,
     }
 }
 

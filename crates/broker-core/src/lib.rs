@@ -13,6 +13,7 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod confirms;
 pub mod connection;
 pub mod delivery;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod mgmt;
 pub mod protocol;
 pub mod queue;
 pub mod queue_settings;
+pub mod replication;
 pub mod server;
 pub mod store;
 

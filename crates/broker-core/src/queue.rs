@@ -6,7 +6,7 @@
 //! uuid made when the queue is created). Ready messages are kept sorted by id within their
 //! priority level, so a requeued message goes back to its place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -14,12 +14,14 @@ use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::broker::Broker;
+use crate::confirms::PendingConfirm;
 use crate::delivery::{ChannelLink, Consumer, LinkState, Unacked};
 use crate::error::AmqpError;
 use crate::fields;
 use crate::message::Message;
 use crate::protocol::hot;
 use crate::queue_settings::{Overflow, QueueSettings};
+use crate::replication::IdRanges;
 
 /// A message in a queue.
 #[derive(Debug, Clone)]
@@ -68,10 +70,12 @@ impl DequeueReason {
 /// Something that follows a queue's enqueues and dequeues (replication, later the store).
 /// Called with the queue's lock held: it must be quick and must not call back into the queue.
 pub trait QueueObserver: Send + Sync + std::fmt::Debug {
-    /// A message was added.
-    fn enqueued(&self, queue: &Queue, entry: &QueuedMessage);
+    /// A message was added; `confirm` is the publish's confirm, which the observer may hold.
+    fn enqueued(&self, queue: &Queue, entry: &QueuedMessage, confirm: Option<PendingConfirm<'_>>);
     /// A message left the queue for good.
     fn dequeued(&self, queue: &Queue, id: u64, reason: DequeueReason);
+    /// The queue was deleted (its messages' dequeues, reason `Deleted`, come before).
+    fn queue_deleted(&self, _queue: &Queue) {}
 }
 
 /// Outcome of offering a message to a queue.
@@ -98,10 +102,12 @@ pub struct Queue {
     pub arguments: FieldTable,
     /// What the arguments mean.
     pub settings: QueueSettings,
-    /// This incarnation's uuid.
-    pub incarnation: uuid::Uuid,
+    incarnation: Mutex<uuid::Uuid>,
     broker: Weak<Broker>,
     deleted: AtomicBool,
+    /// While the queue is a replica: what it replicates, for the 405 texts.
+    replica_of: Mutex<Option<String>>,
+    replicating: AtomicBool,
     state: Mutex<QueueState>,
 }
 
@@ -122,6 +128,9 @@ pub struct QueueState {
     /// Total messages ever dequeued.
     pub dequeued_total: u64,
     observers: Vec<Arc<dyn QueueObserver>>,
+    /// Delivered and not yet settled, by id; kept only on brokers with HA enabled (the
+    /// snapshot a replicating subscription starts from includes them).
+    acquired: Option<BTreeMap<u64, QueuedMessage>>,
 }
 
 /// Ready messages by priority level, each level sorted by id.
@@ -179,6 +188,12 @@ impl Ready {
         Some(e)
     }
 
+    fn contains_id(&self, id: u64, m: &Message) -> bool {
+        let level = &self.levels[self.level_of(m)];
+        let at = level.partition_point(|x| x.id < id);
+        level.get(at).is_some_and(|x| x.id == id)
+    }
+
     fn remove_id(&mut self, id: u64) -> Option<QueuedMessage> {
         for level in &mut self.levels {
             let at = level.partition_point(|x| x.id < id);
@@ -217,6 +232,7 @@ impl Queue {
         now_ms: u64,
     ) -> Queue {
         let levels = settings.max_priority.map_or(1, |p| p as usize + 1);
+        let track_acquired = broker.upgrade().is_some_and(|b| b.config.ha.enabled());
         Queue {
             name,
             durable,
@@ -224,9 +240,11 @@ impl Queue {
             auto_delete,
             arguments,
             settings,
-            incarnation: uuid::Uuid::new_v4(),
+            incarnation: Mutex::new(uuid::Uuid::new_v4()),
             broker,
             deleted: AtomicBool::new(false),
+            replica_of: Mutex::new(None),
+            replicating: AtomicBool::new(false),
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
                 next_id: 1,
@@ -240,6 +258,7 @@ impl Queue {
                 enqueued_total: 0,
                 dequeued_total: 0,
                 observers: Vec::new(),
+                acquired: track_acquired.then(BTreeMap::new),
             }),
         }
     }
@@ -258,17 +277,161 @@ impl Queue {
         self.broker.upgrade().map_or(0, |b| b.now_ms())
     }
 
+    /// This incarnation's uuid.
+    pub fn incarnation(&self) -> uuid::Uuid {
+        *self.incarnation.lock()
+    }
+
     /// Adds an observer of enqueues and dequeues.
     pub fn add_observer(&self, observer: Arc<dyn QueueObserver>) {
         self.state.lock().observers.push(observer);
     }
 
+    /// Removes an observer added before.
+    pub fn remove_observer(&self, observer: &Arc<dyn QueueObserver>) {
+        self.state
+            .lock()
+            .observers
+            .retain(|o| !Arc::ptr_eq(o, observer));
+    }
+
+    /// Adds `observer` and, under the same lock, calls `with` with every message the queue
+    /// holds (ready and delivered-not-settled), in id order: nothing enqueued or dequeued can
+    /// fall between the snapshot and the first change the observer sees.
+    pub fn observe_from_snapshot(
+        &self,
+        observer: Arc<dyn QueueObserver>,
+        with: impl FnOnce(&[QueuedMessage]),
+    ) {
+        let mut st = self.state.lock();
+        let mut all: Vec<QueuedMessage> = st.ready.levels.iter().flatten().cloned().collect();
+        if let Some(a) = &st.acquired {
+            all.extend(a.values().cloned());
+        }
+        all.sort_unstable_by_key(|e| e.id);
+        st.observers.push(observer);
+        with(&all);
+    }
+
+    // ---- the replica side ----------------------------------------------------------------
+
+    /// Marks the queue a replica of `original` (a description such as `'q' on host:port`), or
+    /// an ordinary queue again with `None` (detach: it also gets a new incarnation).
+    pub fn set_replica_of(&self, original: Option<String>) {
+        let detach = original.is_none() && self.is_replica();
+        self.replicating
+            .store(original.is_some(), Ordering::Release);
+        *self.replica_of.lock() = original;
+        if detach {
+            *self.incarnation.lock() = uuid::Uuid::new_v4();
+        }
+    }
+
+    /// True while the queue replicates another.
+    pub fn is_replica(&self) -> bool {
+        self.replicating.load(Ordering::Acquire)
+    }
+
+    /// The 405 a local operation on a replica gets, naming the original.
+    pub fn replica_refusal(&self, what: &str) -> Result<(), AmqpError> {
+        if !self.is_replica() {
+            return Ok(());
+        }
+        let of = self.replica_of.lock().clone().unwrap_or_default();
+        Err(AmqpError::resource_locked(format!(
+            "cannot {what} queue '{}': it is a replica of {of}; detach it first (qpid-ha detach)",
+            self.name
+        )))
+    }
+
+    /// The ids the queue holds (ready and unsettled), as ranges.
+    pub fn held_ids(&self) -> IdRanges {
+        let st = self.state.lock();
+        let mut ids: Vec<u64> = st.ready.levels.iter().flatten().map(|e| e.id).collect();
+        if let Some(a) = &st.acquired {
+            ids.extend(a.keys());
+        }
+        ids.sort_unstable();
+        IdRanges::from_sorted(ids)
+    }
+
+    /// Adds a message replicated from the original with the original's id. A message whose id
+    /// the queue holds already is dropped. No limit, TTL or last-value replacement applies:
+    /// the original's own events say what leaves.
+    pub fn apply_enqueue(&self, id: u64, message: Message, redelivered: bool) -> bool {
+        let mut st = self.state.lock();
+        if st.ready.contains_id(id, &message) {
+            return false;
+        }
+        if let Some(key) = &self.settings.last_value_key
+            && let Some(value) = last_value_of(&message, key)
+        {
+            st.last_value.insert(value, id);
+        }
+        let entry = QueuedMessage {
+            id,
+            message,
+            redelivered,
+            expires_at_ms: u64::MAX,
+        };
+        st.next_id = st.next_id.max(id + 1);
+        st.ready_bytes += entry.message.body_size();
+        st.enqueued_total += 1;
+        for o in &st.observers {
+            o.enqueued(self, &entry, None);
+        }
+        if let Some(b) = self.broker.upgrade() {
+            b.memory_add(entry.message.memory_size());
+        }
+        st.ready.insert_sorted(entry);
+        true
+    }
+
+    /// Removes the replicated messages whose ids are in `ids` (ids it does not hold are
+    /// ignored). Returns how many it removed.
+    pub fn apply_dequeue(&self, ids: &IdRanges) -> u64 {
+        let mut st = self.state.lock();
+        let mut n = 0;
+        if ids.count() as usize > st.ready.len {
+            // Many ids: walk the messages instead of the ids.
+            let all = st.ready.drain();
+            for e in all {
+                if ids.contains(e.id) {
+                    st.ready_bytes -= e.message.body_size();
+                    self.record_dequeue(&mut st, &e, DequeueReason::Consumed);
+                    n += 1;
+                } else {
+                    st.ready.push_back(e);
+                }
+            }
+            return n;
+        }
+        for id in ids.ids() {
+            if let Some(e) = st.ready.remove_id(id) {
+                st.ready_bytes -= e.message.body_size();
+                self.record_dequeue(&mut st, &e, DequeueReason::Consumed);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Offers a published message; delivers it at once if a consumer can take it.
     pub fn enqueue(self: &Arc<Self>, message: Message, now_ms: u64) -> EnqueueOutcome {
+        self.enqueue_confirmed(message, now_ms, None)
+    }
+
+    /// [`Queue::enqueue`] for a publish in confirm mode, whose confirm observers may hold.
+    pub fn enqueue_confirmed(
+        self: &Arc<Self>,
+        message: Message,
+        now_ms: u64,
+        confirm: Option<PendingConfirm<'_>>,
+    ) -> EnqueueOutcome {
         let mut left = Leftovers::default();
         let outcome = {
             let mut st = self.state.lock();
-            let outcome = self.enqueue_locked(&mut st, message, now_ms, &mut left);
+            let outcome = self.enqueue_locked(&mut st, message, now_ms, confirm, &mut left);
             if outcome == EnqueueOutcome::Accepted {
                 self.dispatch_locked(&mut st, now_ms, &mut left);
                 // A TTL of 0 means "deliver now or never" (RabbitMQ).
@@ -285,6 +448,7 @@ impl Queue {
         st: &mut QueueState,
         message: Message,
         now_ms: u64,
+        confirm: Option<PendingConfirm<'_>>,
         left: &mut Leftovers,
     ) -> EnqueueOutcome {
         if self.is_deleted() {
@@ -324,7 +488,7 @@ impl Queue {
         st.ready_bytes += size;
         st.enqueued_total += 1;
         for o in &st.observers {
-            o.enqueued(self, &entry);
+            o.enqueued(self, &entry, confirm);
         }
         if let Some(b) = self.broker.upgrade() {
             b.memory_add(entry.message.memory_size());
@@ -437,6 +601,9 @@ impl Queue {
             self.record_dequeue(st, &entry, DequeueReason::Consumed);
         } else {
             st.unacked_count += 1;
+            if let Some(a) = st.acquired.as_mut() {
+                a.insert(entry.id, entry.clone());
+            }
             let unacked = Unacked {
                 queue: self.clone(),
                 entry,
@@ -448,6 +615,9 @@ impl Queue {
 
     /// Drops expired messages from the head of each priority level.
     fn expire_locked(&self, st: &mut QueueState, now_ms: u64, left: &mut Leftovers) {
+        if self.is_replica() {
+            return;
+        }
         while st.ready.front().is_some_and(|e| e.expires_at_ms <= now_ms) {
             let Some(e) = self.pop_ready(st) else { break };
             self.record_dequeue(st, &e, DequeueReason::Expired);
@@ -463,7 +633,9 @@ impl Queue {
             let mut st = self.state.lock();
             self.expire_locked(&mut st, now_ms, &mut left);
             self.settings.expires_ms.is_some_and(|e| {
-                st.consumers.is_empty() && now_ms.saturating_sub(st.last_used_ms) >= e
+                !self.is_replica()
+                    && st.consumers.is_empty()
+                    && now_ms.saturating_sub(st.last_used_ms) >= e
             })
         };
         self.handle_leftovers(left);
@@ -498,6 +670,9 @@ impl Queue {
             let mut st = self.state.lock();
             for e in entries {
                 st.unacked_count -= 1;
+                if let Some(a) = st.acquired.as_mut() {
+                    a.remove(&e.id);
+                }
                 if self.is_deleted() {
                     self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
                     continue;
@@ -519,6 +694,9 @@ impl Queue {
             let mut st = self.state.lock();
             for mut e in entries {
                 st.unacked_count -= 1;
+                if let Some(a) = st.acquired.as_mut() {
+                    a.remove(&e.id);
+                }
                 if self.is_deleted() {
                     self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
                     continue;
@@ -601,6 +779,9 @@ impl Queue {
         st.ready_bytes = 0;
         for e in &all {
             self.record_dequeue(&mut st, e, DequeueReason::Deleted);
+        }
+        for o in std::mem::take(&mut st.observers) {
+            o.queue_deleted(self);
         }
         (std::mem::take(&mut st.consumers), all.len() as u32)
     }

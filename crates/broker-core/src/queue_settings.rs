@@ -42,6 +42,20 @@ pub struct QueueSettings {
     pub last_value_key: Option<String>,
 }
 
+impl QueueSettings {
+    /// What a replica must share with its original (priority levels, last-value key, limits),
+    /// as sent in the replication `init` event and compared by the replica.
+    pub fn replication_signature(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_priority": self.max_priority,
+            "last_value_key": self.last_value_key,
+            "max_length": self.max_length,
+            "max_length_bytes": self.max_length_bytes,
+            "overflow": format!("{:?}", self.overflow),
+        })
+    }
+}
+
 /// Arguments that name features this broker recognises but does not implement.
 const NOT_IMPLEMENTED: &[&str] = &[
     "qpid.group_header_key",

@@ -50,6 +50,7 @@ pub async fn run(
         ));
     }
     let sweeper = tokio::spawn(sweep_loop(broker.clone()));
+    let ha_ticker = tokio::spawn(ha_tick_loop(broker.clone()));
     tokio::select! {
         _ = shutdown => {}
         _ = broker.mgmt.shutdown_requested() => {
@@ -61,6 +62,10 @@ pub async fn run(
     drop(done_tx);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await;
     sweeper.abort();
+    ha_ticker.abort();
+    if let Some(ha) = broker.ha_module() {
+        ha.shutdown();
+    }
     Ok(())
 }
 
@@ -70,6 +75,21 @@ async fn sweep_loop(broker: Arc<Broker>) {
     loop {
         tick.tick().await;
         broker.sweep();
+    }
+}
+
+/// How often replicating subscriptions check their ack timeout and send their lag.
+const HA_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+async fn ha_tick_loop(broker: Arc<Broker>) {
+    if !broker.config.ha.enabled() {
+        return;
+    }
+    let mut tick = tokio::time::interval(HA_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        crate::delivery::run_batch(|| broker.ha_tick());
     }
 }
 

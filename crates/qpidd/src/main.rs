@@ -197,6 +197,11 @@ async fn serve(
 
     let broker = Broker::new(config, users);
     broker.mgmt.set_log_control(Arc::new(log.clone()));
+    if broker.config.ha.enabled() {
+        broker.set_ha_module(ha_replication::HaReplication::new(
+            tokio::runtime::Handle::current(),
+        ));
+    }
     server::run(broker, listeners, shutdown)
         .await
         .context("the broker stopped on an error")?;

@@ -261,10 +261,12 @@ pub const OPTIONS: &[Spec] = &[
         "Flow control message count limit for replication (0 = no limit)"),
     opt("ha-flow-bytes", None, size(0, u64::MAX), "BYTES", "0", HA,
         "Flow control byte limit for replication (0 = no limit)"),
-    opt("link-maintenance-interval", None, DUR_NZ, "DURATION", "2s", HA,
-        "Interval to check link health and re-connect if need be"),
-    opt("link-heartbeat-interval", None, DUR, "DURATION", "120s", HA,
+    opt("link-maintenance-interval", None, DUR_NZ, "DURATION", "0.5s", HA,
+        "How soon a broken link is retried (doubling after failures, at most 4s)"),
+    opt("link-heartbeat-interval", None, DUR_NZ, "DURATION", "5s", HA,
         "Heartbeat interval for links between brokers"),
+    opt("ha-ack-timeout", None, DUR, "DURATION", "0", HA,
+        "How long a ready replica may leave a replication event unacknowledged before it stops holding confirms (0 = the link heartbeat interval)"),
 
     cli("user-add", None, TEXT, "NAME", USR,
         "Add or replace user NAME; the password is read from stdin"),
@@ -791,6 +793,8 @@ pub struct HaOptions {
     pub flow_bytes: u64,
     pub link_maintenance_interval: Duration,
     pub link_heartbeat_interval: Duration,
+    /// `--ha-ack-timeout` (`None`: the link heartbeat interval).
+    pub ack_timeout: Option<Duration>,
 }
 
 /// The broker's named limits as given (the watermark is resolved later against RAM).
@@ -1025,6 +1029,7 @@ fn from_values(values: &Values, env: &[(String, String)]) -> Result<Options, Opt
             flow_bytes: values.size("ha-flow-bytes"),
             link_maintenance_interval: values.duration("link-maintenance-interval"),
             link_heartbeat_interval: values.duration("link-heartbeat-interval"),
+            ack_timeout: Some(values.duration("ha-ack-timeout")).filter(|d| !d.is_zero()),
         },
         user_name,
         user_tags,
@@ -1103,6 +1108,9 @@ impl Options {
             backup_timeout: h.backup_timeout,
             flow_messages: h.flow_messages,
             flow_bytes: h.flow_bytes,
+            link_maintenance_interval: h.link_maintenance_interval,
+            link_heartbeat_interval: h.link_heartbeat_interval,
+            ack_timeout: h.ack_timeout,
         }
     }
 }
@@ -1265,7 +1273,16 @@ mod tests {
         // The HA defaults.
         assert_eq!(o.ha.backup_timeout, Duration::from_secs(10));
         assert_eq!(o.ha.flow_messages, 1000);
-        assert_eq!(o.ha.link_heartbeat_interval, Duration::from_secs(120));
+        // The link defaults, the same in the option table and in the library.
+        let lib = broker_core::HaConfig::default();
+        assert_eq!(o.ha.link_heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(o.ha.link_heartbeat_interval, lib.link_heartbeat_interval);
+        assert_eq!(o.ha.link_maintenance_interval, Duration::from_millis(500));
+        assert_eq!(
+            o.ha.link_maintenance_interval,
+            lib.link_maintenance_interval
+        );
+        assert_eq!(o.ha.ack_timeout, lib.ack_timeout);
     }
 
     #[test]

@@ -2,17 +2,23 @@
 //! only when the broker runs with `ha-queue-replication` or `ha-cluster` (as in Qpid, where the
 //! HA module creates it); otherwise queries find nothing and methods find no object.
 //!
-//! Queue replication and clusters are not implemented yet: `status` is `standalone` with queue
-//! replication only and `joining` with `ha-cluster` (clusters come with issue 5), `promote`
-//! refuses on a broker that is not a cluster member, and `replicate` checks its arguments and
-//! the local queue, then answers "not implemented" (issue 4).
+//! `status` is `standalone` with queue replication only and `joining` with `ha-cluster`
+//! (clusters come with issue 5); `promote` refuses on a broker that is not a cluster member.
+//! `replicate` and `detach` are carried out by the HA module (crate `ha-replication`); the
+//! object's `replicas` and `subscriptions` list the replica queues of this broker and the
+//! replicating subscriptions it serves as an original.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::broker::Broker;
+use crate::replication::HaModule;
 
 use super::error::{ErrorCode, MgmtError};
 use super::json::Fields;
+use super::reply::ReplyTo;
 
 /// The HA package.
 pub const HA_PACKAGE: &str = "org.apache.qpid.ha";
@@ -47,11 +53,20 @@ pub fn values(broker: &Broker) -> Value {
         "publicUrl": ha.public_url,
         "replicateDefault": ha.replicate.as_str(),
         "systemId": broker.system_id().to_string(),
+        "replicas": broker.ha_module().map_or_else(Vec::new, |m| m.replica_rows()),
+        "subscriptions": broker.subscriptions().iter().map(|s| s.row()).collect::<Vec<_>>(),
     })
 }
 
-/// Carries out a method on the HA object (which the caller has checked exists).
-pub fn call(broker: &Broker, method: &str, args: Fields<'_>) -> Result<Value, MgmtError> {
+/// Carries out a method on the HA object (which the caller has checked exists). `Ok(None)`:
+/// the answer is sent later to `reply` (replicate waits for its first attempt).
+pub fn call(
+    broker: &Arc<Broker>,
+    method: &str,
+    args: Fields<'_>,
+    reply: &ReplyTo,
+    sequence: u64,
+) -> Result<Option<Value>, MgmtError> {
     match method {
         "promote" => {
             if broker.config.ha.cluster {
@@ -74,13 +89,39 @@ pub fn call(broker: &Broker, method: &str, args: Fields<'_>) -> Result<Value, Mg
                     "'broker' must name the original's broker",
                 ));
             }
-            if broker.queue(queue).is_none() {
-                return Err(MgmtError::not_found(format!("no queue '{queue}'")));
-            }
-            Err(MgmtError::new(
-                ErrorCode::NotImplemented,
-                "queue replication is not implemented yet (issue 4)",
-            ))
+            let timeout = match args.get("timeout") {
+                None => DEFAULT_REPLICATE_TIMEOUT,
+                Some(v) => v
+                    .as_f64()
+                    .filter(|t| t.is_finite() && *t >= 0.0)
+                    .map(|t| Duration::from_secs_f64(t.min(3600.0)))
+                    .ok_or_else(|| MgmtError::invalid("'timeout' must be a number of seconds"))?,
+            };
+            let module = module(broker)?;
+            let (b, reply) = (broker.clone(), reply.clone());
+            module.replicate(
+                broker,
+                queue,
+                remote,
+                timeout,
+                Box::new(move |result| match result {
+                    Ok(warning) => {
+                        let mut body = b.mgmt.envelope(sequence);
+                        body["_arguments"] = match warning {
+                            Some(w) => json!({ "warning": w }),
+                            None => json!({}),
+                        };
+                        reply.send(&b, "_method_response", &body, false);
+                    }
+                    Err(e) => reply.exception(&b, sequence, &e),
+                }),
+            );
+            Ok(None)
+        }
+        "detach" => {
+            let queue = args.str("queue")?;
+            module(broker)?.detach(broker, queue)?;
+            Ok(Some(json!({})))
         }
         "setBrokersUrl" | "setPublicUrl" => Err(MgmtError::new(
             ErrorCode::NotImplemented,
@@ -90,4 +131,16 @@ pub fn call(broker: &Broker, method: &str, args: Fields<'_>) -> Result<Value, Mg
             "unknown method '{other}' on the habroker object"
         ))),
     }
+}
+
+/// How long `replicate` tries the original when the request gives no `timeout`.
+pub const DEFAULT_REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn module(broker: &Broker) -> Result<&Arc<dyn HaModule>, MgmtError> {
+    broker.ha_module().ok_or_else(|| {
+        MgmtError::new(
+            ErrorCode::NotImplemented,
+            "the HA module is not loaded in this broker",
+        )
+    })
 }

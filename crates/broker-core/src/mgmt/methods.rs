@@ -73,7 +73,11 @@ pub fn call(
                 "no object '{target}': HA is disabled on this broker; start it with ha-queue-replication=yes or ha-cluster=yes"
             )));
         }
-        (ha::call(broker, method, args)?, After::Nothing)
+        match ha::call(broker, method, args, reply, sequence)? {
+            Some(out) => (out, After::Nothing),
+            // Answered later, by the HA module.
+            None => return Ok(After::Nothing),
+        }
     } else {
         match parse_object_id(target)? {
             ("broker", BROKER_NAME) => broker_method(broker, requester, method, args)?,

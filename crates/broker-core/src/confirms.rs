@@ -1,0 +1,236 @@
+//! Publisher confirms of one channel, and the holds replication puts on them
+//! (`docs/design/replication.md` section 5, DESIGN.md decision 6).
+//!
+//! Every publish on a channel in confirm mode gets the next sequence number. Once it is routed
+//! it is *decided*; it is confirmed (`basic.ack`) when it is decided and no hold on it is left.
+//! A hold is taken by a replicating subscription in state ready when the message is enqueued on
+//! the original, and released (by dropping the [`Hold`]) when the replica acknowledges it, when
+//! the message leaves the original before it was sent, or when the subscription stops being
+//! ready. Acks are written in order, coalesced with `multiple`: everything below the oldest
+//! held sequence number that is decided goes out in one frame.
+//!
+//! Lock order: queue → replicating subscription → `Confirms` → outbound buffer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::delivery::ChannelLink;
+use crate::protocol::hot;
+
+/// The confirms of one channel.
+#[derive(Debug)]
+pub struct Confirms {
+    link: Arc<ChannelLink>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Sequence number of the last publish decided (routed, or nacked).
+    decided: u64,
+    /// Acked (or nacked) up to here.
+    written: u64,
+    /// Holds per sequence number.
+    held: BTreeMap<u64, u32>,
+    /// Holds taken since the channel was created (statistics).
+    holds_taken: u64,
+}
+
+/// A publish that may be held: what a queue observer gets at enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingConfirm<'a> {
+    /// The channel's confirms.
+    pub confirms: &'a Arc<Confirms>,
+    /// The publish's sequence number.
+    pub seq: u64,
+}
+
+impl PendingConfirm<'_> {
+    /// Holds the confirm back until the returned `Hold` is dropped.
+    pub fn hold(&self) -> Hold {
+        let mut st = self.confirms.state.lock();
+        *st.held.entry(self.seq).or_insert(0) += 1;
+        st.holds_taken += 1;
+        Hold {
+            confirms: self.confirms.clone(),
+            seq: self.seq,
+        }
+    }
+}
+
+/// One hold on a publish's confirm; dropping it releases it.
+#[derive(Debug)]
+pub struct Hold {
+    confirms: Arc<Confirms>,
+    seq: u64,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.confirms.release(self.seq);
+    }
+}
+
+impl Confirms {
+    /// Confirms written on `link`'s channel.
+    pub fn new(link: Arc<ChannelLink>) -> Arc<Confirms> {
+        Arc::new(Confirms {
+            link,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// The publish `seq` is routed (its holds, if any, are taken). The ack is written by the
+    /// next [`Confirms::flush`] or release.
+    pub fn decided(&self, seq: u64) {
+        self.state.lock().decided = seq;
+    }
+
+    /// The publish `seq` was refused by a queue: writes the acks that can go before it, then
+    /// its nack.
+    pub fn nack(&self, seq: u64) {
+        let mut st = self.state.lock();
+        st.decided = seq;
+        let before = ack_upto(&st).min(seq - 1);
+        let written = st.written;
+        let ch = self.link.channel;
+        self.link.out.write(|out| {
+            if before > written {
+                hot::write_ack(out, ch, before, true);
+            }
+            hot::write_nack(out, ch, seq, false, false);
+        });
+        if st.held.range(..seq).next().is_none() {
+            st.written = seq;
+        }
+    }
+
+    /// Writes the acks that are due, as one `multiple` ack.
+    pub fn flush(&self) {
+        let mut st = self.state.lock();
+        self.flush_locked(&mut st);
+    }
+
+    fn flush_locked(&self, st: &mut State) {
+        let upto = ack_upto(st);
+        if upto > st.written {
+            st.written = upto;
+            let ch = self.link.channel;
+            self.link
+                .out
+                .write(|out| hot::write_ack(out, ch, upto, true));
+        }
+    }
+
+    fn release(&self, seq: u64) {
+        let mut st = self.state.lock();
+        let Some(n) = st.held.get_mut(&seq) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            st.held.remove(&seq);
+            self.flush_locked(&mut st);
+        }
+    }
+
+    /// Publishes whose confirm is held now.
+    pub fn held_count(&self) -> usize {
+        self.state.lock().held.len()
+    }
+}
+
+/// The highest sequence number that can be acked: decided, and below every held one.
+fn ack_upto(st: &State) -> u64 {
+    match st.held.keys().next() {
+        Some(&first) => st.decided.min(first - 1),
+        None => st.decided,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::Outbound;
+    use crate::protocol::frame::split_frame;
+
+    fn confirms() -> (Arc<Confirms>, Arc<Outbound>) {
+        let out = Arc::new(Outbound::default());
+        let link = Arc::new(ChannelLink::new(1, 1, out.clone(), 131_072, true, 65_536));
+        (Confirms::new(link), out)
+    }
+
+    /// (method id, delivery tag, multiple) of each frame written.
+    fn written(out: &Outbound) -> Vec<(u16, u64, bool)> {
+        let bytes = out.take_for_test();
+        let mut v = Vec::new();
+        let mut at = 0;
+        while let Ok(Some((f, n))) = split_frame(&bytes[at..], 0) {
+            let (_, m, args) = hot::method_ids(f.payload).unwrap();
+            let s = hot::parse_ack(args).unwrap();
+            v.push((m, s.delivery_tag, s.multiple));
+            at += n;
+        }
+        v
+    }
+
+    #[test]
+    fn unheld_publishes_are_acked_together_at_flush() {
+        let (c, out) = confirms();
+        c.decided(1);
+        c.decided(2);
+        c.flush();
+        assert_eq!(written(&out), [(80, 2, true)]);
+        c.flush();
+        assert!(written(&out).is_empty());
+    }
+
+    #[test]
+    fn a_hold_stops_acks_at_its_sequence_until_released() {
+        let (c, out) = confirms();
+        c.decided(1);
+        let h = PendingConfirm {
+            confirms: &c,
+            seq: 2,
+        }
+        .hold();
+        c.decided(2);
+        c.decided(3);
+        c.flush();
+        assert_eq!(written(&out), [(80, 1, true)]);
+        assert_eq!(c.held_count(), 1);
+        drop(h);
+        assert_eq!(written(&out), [(80, 3, true)]);
+    }
+
+    #[test]
+    fn two_holds_on_one_publish_both_must_go() {
+        let (c, out) = confirms();
+        let p = PendingConfirm {
+            confirms: &c,
+            seq: 1,
+        };
+        let (a, b) = (p.hold(), p.hold());
+        c.decided(1);
+        c.flush();
+        drop(a);
+        assert!(written(&out).is_empty());
+        drop(b);
+        assert_eq!(written(&out), [(80, 1, true)]);
+    }
+
+    #[test]
+    fn a_nack_goes_after_the_acks_before_it() {
+        let (c, out) = confirms();
+        c.decided(1);
+        c.nack(2);
+        c.decided(3);
+        c.flush();
+        assert_eq!(
+            written(&out),
+            [(80, 1, true), (120, 2, false), (80, 3, true)]
+        );
+    }
+}

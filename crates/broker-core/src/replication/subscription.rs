@@ -1,0 +1,577 @@
+//! The original side of queue replication: a replicating subscription streams a queue's
+//! messages and dequeues to a replica (`docs/design/replication.md` sections 3 to 5).
+//!
+//! It is not a consumer of the queue: it never acquires, is not counted, keeps nothing alive.
+//! It observes the queue ([`QueueObserver`]) from a snapshot taken atomically with its
+//! attachment, and writes deliveries straight into its channel's outbound buffer, within a
+//! window of unacknowledged deliveries. Lock order: queue → subscription → confirms →
+//! outbound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+use crate::broker::Broker;
+use crate::confirms::{Hold, PendingConfirm};
+use crate::delivery::ChannelLink;
+use crate::error::AmqpError;
+use crate::message::Message;
+use crate::protocol::hot;
+use crate::queue::{DequeueReason, Queue, QueueObserver, QueuedMessage};
+
+use super::ranges::IdRanges;
+use super::{CHUNK_RANGES_MAX, EVENT_EXCHANGE, ID_SET_RANGES_MAX, PROTOCOL_VERSION, event};
+
+/// Raw properties of an event delivery: no property set.
+const NO_PROPERTIES: [u8; 2] = [0, 0];
+/// How often the original sends its lag measure.
+const LAG_INTERVAL_MS: u64 = 1000;
+
+/// Where a subscription stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Subscribed; receiving the replica's ids.
+    AwaitingIds,
+    /// Sending what the queue held (or catching up again after a stall).
+    CatchUp,
+    /// Live; holds the confirms of new publishes.
+    Ready,
+    /// Over (channel closed, or queue deleted).
+    Closed,
+}
+
+impl Phase {
+    /// The name `qpid-ha query` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::AwaitingIds => "subscribing",
+            Phase::CatchUp => "catchup",
+            Phase::Ready => "ready",
+            Phase::Closed => "closed",
+        }
+    }
+}
+
+/// Who subscribed (from `qpid.ha-info` and the connection).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaInfo {
+    /// The replica broker's system id.
+    pub system_id: String,
+    /// The host and port it announced.
+    pub host: String,
+    /// Its announced port.
+    pub port: i64,
+    /// The link's remote address as seen here.
+    pub peer: String,
+}
+
+/// The lag of a replica, measured here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Messages not yet acknowledged by the replica (unsent or in flight).
+    pub messages: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Age of the oldest unacknowledged delivery, in milliseconds (0 if none).
+    pub oldest_unacked_ms: u64,
+}
+
+#[derive(Debug)]
+enum Item {
+    Data {
+        id: u64,
+        message: Message,
+        redelivered: bool,
+    },
+    Dequeue(IdRanges),
+    Ready,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    tag: u64,
+    /// Body bytes, for data deliveries.
+    bytes: u64,
+    data: bool,
+    ready_marker: bool,
+    sent_ms: u64,
+    hold: Option<Hold>,
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    replica_ids: IdRanges,
+    items: VecDeque<Item>,
+    /// Ids of data items queued and not sent yet, with their body size.
+    unsent: HashMap<u64, u64>,
+    unsent_bytes: u64,
+    pending_holds: HashMap<u64, Hold>,
+    next_tag: u64,
+    in_flight: VecDeque<InFlight>,
+    in_flight_data: u64,
+    in_flight_bytes: u64,
+    last_sent_id: u64,
+    last_lag_ms: u64,
+    /// Times the replica left state ready because it was too slow to acknowledge.
+    stalls: u64,
+}
+
+/// A replicating subscription on the original.
+#[derive(Debug)]
+pub struct ReplicatingSubscription {
+    /// The consumer tag.
+    pub tag: String,
+    /// The original queue.
+    pub queue: Arc<Queue>,
+    /// Who subscribed.
+    pub replica: ReplicaInfo,
+    link: Arc<ChannelLink>,
+    broker: Weak<Broker>,
+    window_messages: u32,
+    window_bytes: u64,
+    ack_timeout_ms: u64,
+    me: Weak<ReplicatingSubscription>,
+    state: Mutex<State>,
+}
+
+impl ReplicatingSubscription {
+    /// A subscription that has been accepted: writes the `init` event. `window_messages` is
+    /// the replica's prefetch (bounded by `--ha-flow-messages`).
+    pub fn start(
+        broker: &Arc<Broker>,
+        tag: String,
+        queue: Arc<Queue>,
+        link: Arc<ChannelLink>,
+        replica: ReplicaInfo,
+        window_messages: u32,
+    ) -> Arc<ReplicatingSubscription> {
+        let ha = &broker.config.ha;
+        let sub = Arc::new_cyclic(|me| ReplicatingSubscription {
+            tag,
+            queue,
+            replica,
+            link,
+            broker: Arc::downgrade(broker),
+            window_messages,
+            window_bytes: ha.flow_bytes,
+            ack_timeout_ms: ha.effective_ack_timeout().as_millis() as u64,
+            me: me.clone(),
+            state: Mutex::new(State {
+                phase: Phase::AwaitingIds,
+                replica_ids: IdRanges::new(),
+                items: VecDeque::new(),
+                unsent: HashMap::new(),
+                unsent_bytes: 0,
+                pending_holds: HashMap::new(),
+                next_tag: 1,
+                in_flight: VecDeque::new(),
+                in_flight_data: 0,
+                in_flight_bytes: 0,
+                last_sent_id: 0,
+                last_lag_ms: 0,
+                stalls: 0,
+            }),
+        });
+        let init = json!({
+            "version": PROTOCOL_VERSION,
+            "incarnation": sub.queue.incarnation().to_string(),
+            "queue": sub.queue.name,
+            "original": { "system-id": broker.system_id().to_string() },
+            "arguments": crate::mgmt::json::from_table(&sub.queue.arguments),
+            "settings": sub.queue.settings.replication_signature(),
+        });
+        {
+            let mut st = sub.state.lock();
+            sub.write_event(&mut st, event::INIT, init.to_string().as_bytes(), false);
+        }
+        tracing::info!(target: "HA", "replicating subscription to queue '{}' from {} (broker {})", sub.queue.name, sub.replica.peer, sub.replica.system_id);
+        sub
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.broker.upgrade().map_or(0, |b| b.now_ms())
+    }
+
+    /// The phase.
+    pub fn phase(&self) -> Phase {
+        self.state.lock().phase
+    }
+
+    /// One id-set chunk from the replica; on the last one, the stream starts.
+    pub fn id_chunk(&self, body: &[u8], last: bool) -> Result<(), AmqpError> {
+        {
+            let mut st = self.state.lock();
+            if st.phase != Phase::AwaitingIds {
+                return Err(AmqpError::precondition_failed(format!(
+                    "replicating subscription '{}' is not expecting ids",
+                    self.tag
+                )));
+            }
+            st.replica_ids
+                .extend_from_wire(body)
+                .map_err(|e| AmqpError::precondition_failed(format!("id set: {e}")))?;
+            if st.replica_ids.ranges().len() > ID_SET_RANGES_MAX {
+                return Err(AmqpError::precondition_failed(format!(
+                    "id set of more than {ID_SET_RANGES_MAX} ranges"
+                )));
+            }
+            let highest = self.queue.lock().last_id();
+            if st
+                .replica_ids
+                .ranges()
+                .last()
+                .is_some_and(|&(_, l)| l > highest)
+            {
+                return Err(AmqpError::precondition_failed(format!(
+                    "id set names ids above {highest}, the highest queue '{}' has given",
+                    self.queue.name
+                )));
+            }
+            if !last {
+                return Ok(());
+            }
+        }
+        let Some(me) = self.me.upgrade() else {
+            return Ok(());
+        };
+        let observer: Arc<dyn QueueObserver> = me;
+        self.queue.observe_from_snapshot(observer, |snapshot| {
+            let mut st = self.state.lock();
+            let present: Vec<u64> = snapshot.iter().map(|e| e.id).collect();
+            let gone = st.replica_ids.minus_sorted(&present);
+            for chunk in gone.ranges().chunks(CHUNK_RANGES_MAX) {
+                st.items.push_back(Item::Dequeue(IdRanges::from_ranges(chunk)));
+            }
+            let mut sent = 0u64;
+            for e in snapshot {
+                if st.replica_ids.contains(e.id) {
+                    continue;
+                }
+                let size = e.message.body_size();
+                st.unsent.insert(e.id, size);
+                st.unsent_bytes += size;
+                st.items.push_back(Item::Data {
+                    id: e.id,
+                    message: e.message.clone(),
+                    redelivered: e.redelivered,
+                });
+                sent += 1;
+            }
+            st.items.push_back(Item::Ready);
+            st.phase = Phase::CatchUp;
+            tracing::info!(target: "HA", "queue '{}': catch-up of {} for {}: {sent} messages to send, {} ids to dequeue, {} already there",
+                self.queue.name, self.tag, self.replica.peer, gone.count(), st.replica_ids.count() - gone.count());
+            st.replica_ids = IdRanges::new();
+            self.pump(&mut st);
+        });
+        Ok(())
+    }
+
+    /// basic.ack from the replica.
+    pub fn acked(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
+        let mut released: Vec<InFlight> = Vec::new();
+        let mut st = self.state.lock();
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            while st.in_flight.front().is_some_and(|f| f.tag <= upto) {
+                released.extend(st.in_flight.pop_front());
+            }
+            if released.is_empty() && tag != 0 && tag >= st.next_tag {
+                return Err(unknown_tag(tag));
+            }
+        } else {
+            match st.in_flight.iter().position(|f| f.tag == tag) {
+                Some(i) => released.extend(st.in_flight.remove(i)),
+                None => return Err(unknown_tag(tag)),
+            }
+        }
+        for f in &released {
+            if f.data {
+                st.in_flight_data -= 1;
+                st.in_flight_bytes -= f.bytes;
+            }
+            if f.ready_marker && st.phase == Phase::CatchUp {
+                st.phase = Phase::Ready;
+                tracing::info!(target: "HA", "queue '{}': replica {} is ready", self.queue.name, self.replica.peer);
+            }
+        }
+        self.pump(&mut st);
+        drop(st);
+        // Dropping the holds releases the confirms (after the subscription's lock: the order
+        // is subscription → confirms either way, this just keeps the lock short).
+        drop(released);
+        Ok(())
+    }
+
+    /// Periodic work: the ack timeout of a ready replica, and the lag event.
+    pub fn tick(&self, now_ms: u64) {
+        let mut dropped: Vec<Hold> = Vec::new();
+        let mut st = self.state.lock();
+        if st.phase == Phase::Ready
+            && st
+                .in_flight
+                .front()
+                .is_some_and(|f| now_ms.saturating_sub(f.sent_ms) > self.ack_timeout_ms)
+        {
+            st.stalls += 1;
+            st.phase = Phase::CatchUp;
+            dropped.extend(st.pending_holds.drain().map(|(_, h)| h));
+            for f in st.in_flight.iter_mut() {
+                dropped.extend(f.hold.take());
+            }
+            st.items.push_back(Item::Ready);
+            tracing::warn!(target: "HA", "queue '{}': replica {} left a delivery unacknowledged for more than {} ms: back to catch-up, no longer holding {} confirms (stall {})",
+                self.queue.name, self.replica.peer, self.ack_timeout_ms, dropped.len(), st.stalls);
+        }
+        if matches!(st.phase, Phase::CatchUp | Phase::Ready)
+            && now_ms.saturating_sub(st.last_lag_ms) >= LAG_INTERVAL_MS
+            && self.has_credit(&st)
+        {
+            st.last_lag_ms = now_ms;
+            let lag = lag_of(&st, now_ms);
+            let body = json!({
+                "messages": lag.messages,
+                "bytes": lag.bytes,
+                "oldest_unacked_ms": lag.oldest_unacked_ms,
+                "at_ms": now_ms,
+            });
+            self.write_event(&mut st, event::LAG, body.to_string().as_bytes(), false);
+        }
+        drop(st);
+        drop(dropped);
+    }
+
+    /// The channel or connection closed: stop observing and release every hold.
+    pub fn close(&self) {
+        let was_open = {
+            let mut st = self.state.lock();
+            let open = st.phase != Phase::Closed;
+            st.phase = Phase::Closed;
+            open
+        };
+        if let Some(me) = self.me.upgrade() {
+            let observer: Arc<dyn QueueObserver> = me;
+            self.queue.remove_observer(&observer);
+        }
+        let held = {
+            let mut st = self.state.lock();
+            st.items.clear();
+            st.unsent.clear();
+            let mut held: Vec<Hold> = st.pending_holds.drain().map(|(_, h)| h).collect();
+            held.extend(st.in_flight.drain(..).filter_map(|f| f.hold));
+            held
+        };
+        drop(held);
+        if was_open {
+            tracing::info!(target: "HA", "replicating subscription to queue '{}' from {} ended", self.queue.name, self.replica.peer);
+        }
+    }
+
+    /// The lag now.
+    pub fn lag(&self) -> Lag {
+        let st = self.state.lock();
+        lag_of(&st, self.now_ms())
+    }
+
+    /// A row for `qpid-ha query` on the original.
+    pub fn row(&self) -> Value {
+        let now = self.now_ms();
+        let st = self.state.lock();
+        let lag = lag_of(&st, now);
+        let holds =
+            st.pending_holds.len() + st.in_flight.iter().filter(|f| f.hold.is_some()).count();
+        json!({
+            "queue": self.queue.name,
+            "replica": self.replica.peer,
+            "replicaHost": format!("{}:{}", self.replica.host, self.replica.port),
+            "replicaSystemId": self.replica.system_id,
+            "state": st.phase.as_str(),
+            "lag": { "messages": lag.messages, "bytes": lag.bytes, "oldestUnackedMs": lag.oldest_unacked_ms },
+            "confirmsHeld": holds,
+            "stalls": st.stalls,
+        })
+    }
+
+    fn has_credit(&self, st: &State) -> bool {
+        (self.window_messages == 0 || st.in_flight.len() < self.window_messages as usize)
+            && (self.window_bytes == 0
+                || st.in_flight_bytes < self.window_bytes
+                || st.in_flight_data == 0)
+    }
+
+    /// Sends queued items while the window allows.
+    fn pump(&self, st: &mut State) {
+        while self.has_credit(st) {
+            let Some(item) = st.items.pop_front() else {
+                break;
+            };
+            match item {
+                Item::Data {
+                    id,
+                    message,
+                    redelivered,
+                } => {
+                    let Some(size) = st.unsent.remove(&id) else {
+                        continue; // dequeued before it was sent
+                    };
+                    st.unsent_bytes -= size;
+                    if id != st.last_sent_id + 1 {
+                        self.write_event(st, event::ID, &id.to_be_bytes(), false);
+                    }
+                    st.last_sent_id = id;
+                    let hold = st.pending_holds.remove(&id);
+                    let tag = self.next_tag(st);
+                    let ch = self.link.channel;
+                    let frame_max = self.link.frame_max;
+                    let ctag = self.tag.as_str();
+                    let m = &message;
+                    self.link.out.write(|out| {
+                        out.reserve(hot::delivery_size_hint(
+                            ctag,
+                            m.exchange(),
+                            m.routing_key(),
+                            m.raw_properties(),
+                            m.body().len(),
+                            frame_max,
+                        ));
+                        hot::write_deliver(
+                            out,
+                            ch,
+                            ctag,
+                            tag,
+                            redelivered,
+                            m.exchange(),
+                            m.routing_key(),
+                        );
+                        hot::write_content(out, ch, m.raw_properties(), m.body(), frame_max);
+                    });
+                    let sent_ms = self.now_ms();
+                    st.in_flight_data += 1;
+                    st.in_flight_bytes += size;
+                    st.in_flight.push_back(InFlight {
+                        tag,
+                        bytes: size,
+                        data: true,
+                        ready_marker: false,
+                        sent_ms,
+                        hold,
+                    });
+                }
+                Item::Dequeue(ids) => {
+                    let body = ids.to_wire_chunks().concat();
+                    self.write_event(st, event::DEQUEUE, &body, false);
+                }
+                Item::Ready => self.write_event(st, event::READY, &[], true),
+            }
+        }
+    }
+
+    fn next_tag(&self, st: &mut State) -> u64 {
+        let t = st.next_tag;
+        st.next_tag += 1;
+        t
+    }
+
+    fn write_event(&self, st: &mut State, name: &str, body: &[u8], ready_marker: bool) {
+        let tag = self.next_tag(st);
+        let ch = self.link.channel;
+        let frame_max = self.link.frame_max;
+        let ctag = self.tag.as_str();
+        self.link.out.write(|out| {
+            hot::write_deliver(out, ch, ctag, tag, false, EVENT_EXCHANGE, name);
+            hot::write_content(out, ch, &NO_PROPERTIES, body, frame_max);
+        });
+        st.in_flight.push_back(InFlight {
+            tag,
+            bytes: 0,
+            data: false,
+            ready_marker,
+            sent_ms: self.now_ms(),
+            hold: None,
+        });
+    }
+}
+
+fn lag_of(st: &State, now_ms: u64) -> Lag {
+    Lag {
+        messages: st.in_flight_data + st.unsent.len() as u64,
+        bytes: st.in_flight_bytes + st.unsent_bytes,
+        oldest_unacked_ms: st
+            .in_flight
+            .front()
+            .map_or(0, |f| now_ms.saturating_sub(f.sent_ms)),
+    }
+}
+
+fn unknown_tag(tag: u64) -> AmqpError {
+    AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+}
+
+impl QueueObserver for ReplicatingSubscription {
+    fn enqueued(&self, _queue: &Queue, entry: &QueuedMessage, confirm: Option<PendingConfirm<'_>>) {
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::CatchUp | Phase::Ready) {
+            return;
+        }
+        let size = entry.message.body_size();
+        if st.phase == Phase::Ready
+            && let Some(c) = confirm
+        {
+            let hold = c.hold();
+            st.pending_holds.insert(entry.id, hold);
+        }
+        st.unsent.insert(entry.id, size);
+        st.unsent_bytes += size;
+        st.items.push_back(Item::Data {
+            id: entry.id,
+            message: entry.message.clone(),
+            redelivered: entry.redelivered,
+        });
+        self.pump(&mut st);
+    }
+
+    fn dequeued(&self, _queue: &Queue, id: u64, reason: DequeueReason) {
+        if reason == DequeueReason::Deleted {
+            return; // the replica keeps its messages when the original goes
+        }
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::CatchUp | Phase::Ready) {
+            return;
+        }
+        if let Some(size) = st.unsent.remove(&id) {
+            // Never sent: the replica sees neither the message nor its dequeue.
+            st.unsent_bytes -= size;
+            let hold = st.pending_holds.remove(&id);
+            drop(st);
+            drop(hold);
+            return;
+        }
+        let appended = match st.items.back_mut() {
+            Some(Item::Dequeue(r)) if r.ranges().len() < CHUNK_RANGES_MAX => r.push(id),
+            _ => false,
+        };
+        if !appended {
+            st.items
+                .push_back(Item::Dequeue(IdRanges::from_sorted([id])));
+        }
+        self.pump(&mut st);
+    }
+
+    fn queue_deleted(&self, queue: &Queue) {
+        let held = {
+            let mut st = self.state.lock();
+            st.phase = Phase::Closed;
+            st.items.clear();
+            st.unsent.clear();
+            let mut held: Vec<Hold> = st.pending_holds.drain().map(|(_, h)| h).collect();
+            held.extend(st.in_flight.iter_mut().filter_map(|f| f.hold.take()));
+            held
+        };
+        drop(held);
+        tracing::info!(target: "HA", "queue '{}' deleted: cancelling the replicating subscription of {}", queue.name, self.replica.peer);
+        crate::channel::write_server_cancel(&self.link, &self.tag);
+    }
+}

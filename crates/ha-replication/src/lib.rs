@@ -1,0 +1,185 @@
+//! The HA module: the replica side of queue replication (`docs/design/replication.md`).
+//! The original side (replicating subscriptions) lives in `broker_core::replication`.
+//!
+//! * `address`: the original's address list.
+//! * `link`: a minimal AMQP 0-9-1 client on broker-core's codec, for broker-to-broker links.
+//! * `replica`: one replica queue: its link task, the stream applied, its state.
+//!
+//! [`HaReplication`] is installed in the broker (`Broker::set_ha_module`) and carries out the
+//! management methods `replicate` and `detach`.
+
+pub mod address;
+pub mod link;
+pub mod replica;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use broker_core::broker::Broker;
+use broker_core::mgmt::{ErrorCode, MgmtError};
+use broker_core::replication::{Answer, HaModule};
+use parking_lot::Mutex;
+
+use replica::{Replica, ReplicaSettings, State};
+
+/// The replica queues of one broker.
+#[derive(Debug)]
+pub struct HaReplication {
+    runtime: tokio::runtime::Handle,
+    replicas: Mutex<HashMap<String, Arc<Replica>>>,
+    me: Weak<HaReplication>,
+}
+
+impl HaReplication {
+    /// The module for `broker`; link tasks run on `runtime`.
+    pub fn new(runtime: tokio::runtime::Handle) -> Arc<HaReplication> {
+        Arc::new_cyclic(|me| HaReplication {
+            runtime,
+            replicas: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    fn settings(broker: &Broker) -> ReplicaSettings {
+        let ha = &broker.config.ha;
+        ReplicaSettings {
+            username: ha.username.clone(),
+            password: ha.password.clone(),
+            mechanism: ha.mechanism.clone(),
+            heartbeat: ha.link_heartbeat_interval,
+            retry: ha.link_maintenance_interval,
+            window: ha.flow_messages,
+            system_id: broker.system_id().to_string(),
+        }
+    }
+
+    /// The replica of `queue`, if it replicates.
+    pub fn replica(&self, queue: &str) -> Option<Arc<Replica>> {
+        self.replicas.lock().get(queue).cloned()
+    }
+
+    /// Forgets replicas whose queue was deleted (their tasks have stopped).
+    fn prune(&self) {
+        self.replicas.lock().retain(|_, r| !r.queue.is_deleted());
+    }
+}
+
+impl HaModule for HaReplication {
+    fn replicate(
+        &self,
+        broker: &Arc<Broker>,
+        queue: &str,
+        original: &str,
+        timeout: Duration,
+        answer: Answer,
+    ) {
+        self.prune();
+        let Some(q) = broker.queue(queue) else {
+            return answer(Err(MgmtError::not_found(format!("no queue '{queue}'"))));
+        };
+        let addresses = match address::parse_list(original) {
+            Ok(a) => a,
+            Err(e) => return answer(Err(MgmtError::invalid(e))),
+        };
+        // Replicating again: the same incarnation is kept (its messages came from it).
+        let previous = self.replicas.lock().remove(queue);
+        let incarnation = previous.as_ref().and_then(|p| p.incarnation());
+        if let Some(p) = &previous {
+            p.stop();
+        }
+        if incarnation.is_none() {
+            let (ready, unacked) = {
+                let st = q.lock();
+                (st.message_count(), st.unacked_count())
+            };
+            if ready > 0 || unacked > 0 {
+                return answer(Err(MgmtError::new(
+                    ErrorCode::PreconditionFailed,
+                    format!(
+                        "queue '{queue}' holds {} messages not copied from {original}: a replica must start empty",
+                        u64::from(ready) + unacked
+                    ),
+                )));
+            }
+            if q.lock().consumer_count() > 0 {
+                return answer(Err(MgmtError::new(
+                    ErrorCode::PreconditionFailed,
+                    format!("queue '{queue}' has consumers: a replica takes none"),
+                )));
+            }
+        }
+        q.set_replica_of(Some(format!("'{queue}' on {original}")));
+        let replica = Replica::new(
+            q.clone(),
+            original.to_string(),
+            addresses,
+            Self::settings(broker),
+            incarnation,
+        );
+        self.replicas
+            .lock()
+            .insert(queue.to_string(), replica.clone());
+        tracing::info!(target: "HA", "queue '{queue}': replicating from {original}");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(replica.clone().run(tx));
+        let name = queue.to_string();
+        let original = original.to_string();
+        let module = self.me.clone();
+        self.runtime.spawn(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Ok(()))) => answer(Ok(None)),
+                Ok(Ok(Err(e))) => {
+                    // Nothing half-made: the queue is ordinary again, as before.
+                    replica.stop();
+                    if let Some(m) = module.upgrade() {
+                        let mut all = m.replicas.lock();
+                        if all.get(&name).is_some_and(|r| Arc::ptr_eq(r, &replica)) {
+                            all.remove(&name);
+                            replica.queue.set_replica_of(None);
+                        }
+                    }
+                    answer(Err(e));
+                }
+                Ok(Err(_)) => answer(Ok(None)),
+                Err(_) => {
+                    answer(Ok(Some(format!(
+                        "no answer from {original} within {:.1}s: replication of '{name}' keeps trying (qpid-ha query shows its state)",
+                        timeout.as_secs_f64()
+                    ))))
+                }
+            }
+        });
+    }
+
+    fn detach(&self, broker: &Arc<Broker>, queue: &str) -> Result<(), MgmtError> {
+        self.prune();
+        let Some(q) = broker.queue(queue) else {
+            return Err(MgmtError::not_found(format!("no queue '{queue}'")));
+        };
+        let Some(r) = self.replicas.lock().remove(queue) else {
+            return Err(MgmtError::new(
+                ErrorCode::PreconditionFailed,
+                format!("queue '{queue}' is not a replica"),
+            ));
+        };
+        r.stop();
+        q.set_replica_of(None);
+        tracing::info!(target: "HA", "queue '{queue}' detached from {} ({}): it is an ordinary queue now, with {} messages",
+            r.original, match r.state() { State::OriginalLost(_) => "original lost", _ => "original alive" }, q.lock().message_count());
+        Ok(())
+    }
+
+    fn replica_rows(&self) -> Vec<serde_json::Value> {
+        self.prune();
+        let mut rows: Vec<_> = self.replicas.lock().values().map(|r| r.row()).collect();
+        rows.sort_by(|a, b| a["queue"].as_str().cmp(&b["queue"].as_str()));
+        rows
+    }
+
+    fn shutdown(&self) {
+        for r in self.replicas.lock().values() {
+            r.stop();
+        }
+    }
+}
