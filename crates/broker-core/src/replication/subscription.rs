@@ -202,6 +202,8 @@ impl ReplicatingSubscription {
 
     /// One id-set chunk from the replica; on the last one, the stream starts.
     pub fn id_chunk(&self, body: &[u8], last: bool) -> Result<(), AmqpError> {
+        // Read before taking the subscription's lock (the order is queue, then subscription).
+        let highest = self.queue.lock().last_id();
         {
             let mut st = self.state.lock();
             if st.phase != Phase::AwaitingIds {
@@ -218,7 +220,6 @@ impl ReplicatingSubscription {
                     "id set of more than {ID_SET_RANGES_MAX} ranges"
                 )));
             }
-            let highest = self.queue.lock().last_id();
             if st
                 .replica_ids
                 .ranges()
