@@ -1095,4 +1095,61 @@ mod tests {
         );
         assert_eq!(b.message_memory_bytes(), 0);
     }
+
+    fn ha_broker() -> Arc<Broker> {
+        let mut config = BrokerConfig::default();
+        config.ha.queue_replication = true;
+        Broker::new(config, UserDb::default())
+    }
+
+    #[test]
+    fn held_ids_include_acquired_messages_on_an_ha_broker() {
+        let b = ha_broker();
+        let q = queue(&b, &[]);
+        for body in ["a", "b", "c", "d"] {
+            q.enqueue(msg(body, None), 0);
+        }
+        let (l, _out) = link(0);
+        assert!(q.get(&l, false, 0));
+        assert_eq!(q.held_ids().ranges(), [(1, 4)]);
+        let mut settled = Vec::new();
+        l.lock().settle(1, false, &mut settled).unwrap();
+        q.settle(
+            settled.into_iter().map(|u| u.entry).collect(),
+            DequeueReason::Consumed,
+        );
+        assert_eq!(q.held_ids().ranges(), [(2, 4)]);
+    }
+
+    #[test]
+    fn applied_messages_keep_the_original_ids_and_duplicates_are_dropped() {
+        let b = broker();
+        let q = queue(&b, &[]);
+        q.set_replica_of(Some("'q' on elsewhere".into()));
+        assert!(q.apply_enqueue(5, msg("five", None), false));
+        assert!(q.apply_enqueue(9, msg("nine", None), false));
+        assert!(q.apply_enqueue(7, msg("seven", None), true));
+        assert!(!q.apply_enqueue(7, msg("again", None), false));
+        assert_eq!(q.held_ids().ranges(), [(5, 5), (7, 7), (9, 9)]);
+        assert_eq!(q.lock().last_id(), 9);
+        assert_eq!(q.apply_dequeue(&IdRanges::from_sorted([5, 6, 9])), 2);
+        assert!(q.replica_refusal("get from").is_err());
+        let before = q.incarnation();
+        q.set_replica_of(None);
+        assert_ne!(q.incarnation(), before, "detach makes a new incarnation");
+        assert_eq!(bodies_by_get(&b, &q), ["seven"]);
+        // The queue's own ids continue above the replicated ones.
+        q.enqueue(msg("local", None), 0);
+        assert_eq!(q.held_ids().ranges(), [(10, 10)]);
+    }
+
+    #[test]
+    fn a_replica_does_not_expire_its_messages() {
+        let b = broker();
+        let q = queue(&b, &[("x-message-ttl", AMQPValue::LongInt(10))]);
+        q.set_replica_of(Some("x".into()));
+        q.apply_enqueue(1, msg("a", None), false);
+        assert!(!q.sweep(1_000_000));
+        assert_eq!(q.lock().message_count(), 1);
+    }
 }

@@ -576,3 +576,159 @@ impl QueueObserver for ReplicatingSubscription {
         crate::channel::write_server_cancel(&self.link, &self.tag);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::UserDb;
+    use crate::broker::QueueDeclare;
+    use crate::config::BrokerConfig;
+    use crate::confirms::Confirms;
+    use crate::delivery::Outbound;
+    use crate::protocol::FRAME_BODY;
+    use crate::protocol::frame::split_frame;
+
+    fn setup() -> (Arc<Broker>, Arc<Queue>, Arc<ChannelLink>, Arc<Outbound>) {
+        let mut config = BrokerConfig::default();
+        config.ha.queue_replication = true;
+        let b = Broker::new(config, UserDb::default());
+        let d = QueueDeclare {
+            name: "q".into(),
+            ..Default::default()
+        };
+        let q = b.declare_queue(1, &d).unwrap().queue;
+        let out = Arc::new(Outbound::default());
+        let link = Arc::new(ChannelLink::new(1, 9, out.clone(), 131_072, true, 65_536));
+        (b, q, link, out)
+    }
+
+    fn msg(body: &str) -> Message {
+        Message::new("", "q", &[0, 0], body.as_bytes()).unwrap()
+    }
+
+    /// (delivery tag, exchange, routing key, body) of each delivery written.
+    fn deliveries(out: &Outbound) -> Vec<(u64, String, String, Vec<u8>)> {
+        let bytes = out.take_for_test();
+        let mut v: Vec<(u64, String, String, Vec<u8>)> = Vec::new();
+        let mut at = 0;
+        while let Ok(Some((f, n))) = split_frame(&bytes[at..], 0) {
+            at += n;
+            if f.frame_type == FRAME_BODY {
+                v.last_mut().unwrap().3.extend_from_slice(f.payload);
+                continue;
+            }
+            let Ok((60, 60, args)) = hot::method_ids(f.payload) else {
+                continue;
+            };
+            let mut r = hot::Reader::new(args);
+            r.short_str("ctag").unwrap();
+            let tag = r.u64("tag").unwrap();
+            r.u8("redelivered").unwrap();
+            let ex = r.short_str("exchange").unwrap().to_string();
+            let rk = r.short_str("rk").unwrap().to_string();
+            v.push((tag, ex, rk, Vec::new()));
+        }
+        v
+    }
+
+    fn names(d: &[(u64, String, String, Vec<u8>)]) -> Vec<String> {
+        d.iter()
+            .map(|(_, ex, rk, body)| {
+                if ex == EVENT_EXCHANGE {
+                    rk.clone()
+                } else {
+                    String::from_utf8_lossy(body).into_owned()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn catch_up_skips_what_the_replica_holds_and_sends_its_missing_dequeues() {
+        let (b, q, link, out) = setup();
+        for body in ["a", "b", "c", "d"] {
+            q.enqueue(msg(body), 0);
+        }
+        // Message 1 consumed on the original while the replica was away.
+        let get_link = Arc::new(ChannelLink::new(
+            2,
+            9,
+            Arc::new(Outbound::default()),
+            131_072,
+            true,
+            10,
+        ));
+        assert!(q.get(&get_link, true, 0));
+        let sub = ReplicatingSubscription::start(
+            &b,
+            "t".into(),
+            q.clone(),
+            link,
+            ReplicaInfo::default(),
+            100,
+        );
+        // The replica holds 1 (gone here) and 2 (still here: skipped).
+        let ids = IdRanges::from_sorted([1, 2]).to_wire_chunks().concat();
+        sub.id_chunk(&ids, true).unwrap();
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["init", "dequeue", "id", "c", "d", "ready"]);
+        assert_eq!(IdRanges::from_wire(&d[1].3).unwrap().ranges(), [(1, 1)]);
+        assert_eq!(u64::from_be_bytes(d[2].3.clone().try_into().unwrap()), 3);
+        assert_eq!(sub.phase(), Phase::CatchUp);
+        sub.acked(d.last().unwrap().0, true).unwrap();
+        assert_eq!(sub.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn a_ready_replica_holds_confirms_until_it_acks_and_unsent_dequeues_vanish() {
+        let (b, q, link, out) = setup();
+        let sub = ReplicatingSubscription::start(
+            &b,
+            "t".into(),
+            q.clone(),
+            link,
+            ReplicaInfo::default(),
+            2,
+        );
+        sub.id_chunk(&[], true).unwrap();
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["init", "ready"]);
+        sub.acked(d[1].0, true).unwrap();
+        assert_eq!(sub.phase(), Phase::Ready);
+        // A publish in confirm mode: held by the ready replica until it acks.
+        let pub_out = Arc::new(Outbound::default());
+        let pub_link = Arc::new(ChannelLink::new(1, 3, pub_out.clone(), 131_072, true, 10));
+        let confirms = Confirms::new(pub_link);
+        q.enqueue_confirmed(
+            msg("x"),
+            0,
+            Some(PendingConfirm {
+                confirms: &confirms,
+                seq: 1,
+            }),
+        );
+        confirms.decided(1);
+        confirms.flush();
+        assert_eq!(confirms.held_count(), 1);
+        assert!(pub_out.take_for_test().is_empty(), "no ack while held");
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["x"]);
+        assert_eq!(sub.lag().messages, 1);
+        sub.acked(d[0].0, false).unwrap();
+        assert_eq!(confirms.held_count(), 0);
+        assert!(!pub_out.take_for_test().is_empty(), "the ack went out");
+        // A window of 2: the third message waits; dequeued before it is sent, it vanishes.
+        for body in ["m1", "m2", "m3"] {
+            q.enqueue(msg(body), 0);
+        }
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["m1", "m2"]);
+        // x (sent and acked), m1 and m2 (sent) and m3 (not sent) go.
+        assert_eq!(q.purge(), 4);
+        sub.acked(d[1].0, true).unwrap();
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["dequeue"]);
+        assert_eq!(IdRanges::from_wire(&d[0].3).unwrap().ranges(), [(1, 3)]);
+        assert!(sub.acked(999, false).is_err(), "unknown tag");
+    }
+}
