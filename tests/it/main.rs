@@ -13,3 +13,4 @@ mod t80_daemon;
 mod t90_mgmt;
 mod t95_qpid_config;
 mod t96_qpid_ha;
+mod t97_qpid_ha_cli;

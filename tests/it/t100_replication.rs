@@ -648,3 +648,191 @@ async fn replication_refusals_fail_replicate_with_the_reason() {
     let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "none"]);
     assert_eq!(r.code, 1, "{r:?}");
 }
+
+/// Bodies `m<i>` of what `queue` holds after detaching it, as numbers.
+async fn detached_numbers(replica: &TestBroker, queue: &str) -> Vec<u32> {
+    let r = qpid_ha(&["detach", "-b", &addr(replica), queue]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let ch = channel(&replica.connect().await).await;
+    take_all(&ch, queue)
+        .await
+        .into_iter()
+        .map(|(b, _)| String::from_utf8(b).unwrap()[1..].parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_original_mid_stream_leaves_a_gapless_prefix_on_the_replica() {
+    let (mut original, replica, oc, rc) = pair("mid", FieldTable::default()).await;
+    replicate(&replica, &addr(&original), "mid");
+    wait_state(&replica, "mid", "ready").await;
+    let och = channel(&oc).await;
+    let publisher = tokio::spawn(async move {
+        for i in 0..1_000_000u32 {
+            let r = och
+                .basic_publish(
+                    "".into(),
+                    "mid".into(),
+                    BasicPublishOptions::default(),
+                    format!("m{i}").as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await;
+            if r.is_err() {
+                break;
+            }
+        }
+    });
+    let ok = eventually(FOLLOW, || async { count(&rc, "mid").await >= 2_000 }).await;
+    assert!(ok, "the replica is not following");
+    original.signal("KILL");
+    original.wait_exit(Duration::from_secs(5));
+    let _ = publisher.await;
+    wait_state(&replica, "mid", "disconnected since").await;
+    let got = detached_numbers(&replica, "mid").await;
+    assert!(got.len() >= 2_000);
+    let expected: Vec<u32> = (0..got.len() as u32).collect();
+    assert!(
+        got == expected,
+        "not a gapless prefix: {} messages",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_replica_mid_stream_and_start_replica_again_catches_up_exactly() {
+    let original = ha_broker();
+    let oc = original.connect().await;
+    declare(&channel(&oc).await, "mid2", FieldTable::default()).await;
+    let start = |r: &TestBroker| {
+        run(
+            qpid_config_path(),
+            &[
+                &format!("--broker={}", addr(r)),
+                "add",
+                "queue",
+                "--start-replica",
+                &addr(&original),
+                "mid2",
+            ],
+        )
+    };
+    let mut replica = ha_broker();
+    assert_eq!(start(&replica).code, 0);
+    let och = channel(&oc).await;
+    let publisher = tokio::spawn(async move {
+        for i in 0..20_000u32 {
+            publish_with(
+                &och,
+                "mid2",
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+        }
+        och
+    });
+    let rc = replica.connect().await;
+    let ok = eventually(FOLLOW, || async { count(&rc, "mid2").await >= 1_000 }).await;
+    assert!(ok, "the replica is not following");
+    replica.signal("KILL");
+    replica.wait_exit(Duration::from_secs(5));
+    let och = publisher.await.expect("publisher");
+    // Consume a few on the original meanwhile.
+    for _ in 0..10 {
+        get(&och, "mid2", true).await.expect("a message");
+    }
+    let replica = ha_broker();
+    assert_eq!(start(&replica).code, 0);
+    wait_count(&replica.connect().await, "mid2", 19_990).await;
+    let got = detached_numbers(&replica, "mid2").await;
+    assert_eq!(got, (10..20_000).collect::<Vec<u32>>());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_replica_broker_stops_holding_confirms_and_catches_up_when_continued() {
+    let original = TestBroker::builder()
+        .args(["--ha-queue-replication", "yes", "--ha-ack-timeout", "1s"])
+        .start();
+    let (replica, rc) = {
+        let r = ha_broker();
+        let c = r.connect().await;
+        (r, c)
+    };
+    let oc = original.connect().await;
+    declare(&channel(&oc).await, "st", FieldTable::default()).await;
+    declare(&channel(&rc).await, "st", FieldTable::default()).await;
+    replicate(&replica, &addr(&original), "st");
+    wait_state(&replica, "st", "ready").await;
+    let ch = channel(&oc).await;
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirm mode");
+    replica.signal("STOP");
+    let started = std::time::Instant::now();
+    within(
+        "confirms released after the ack timeout",
+        publish_n(&ch, "st", 0..50),
+    )
+    .await;
+    let waited = started.elapsed();
+    replica.signal("CONT");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "confirmed after {waited:?}: not held"
+    );
+    wait_count(&rc, "st", 50).await;
+    wait_state(&replica, "st", "ready").await;
+    // Ready again: holds again.
+    within(
+        "a confirm with the replica back",
+        publish_n(&ch, "st", 50..51),
+    )
+    .await;
+    wait_count(&rc, "st", 51).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_user_without_the_ha_tag_is_refused_with_403() {
+    let dir = integration_tests::TempDir::new("ha-auth");
+    integration_tests::add_user(dir.path(), "plain", "", "pw");
+    integration_tests::add_user(dir.path(), "admin", "admin", "pw");
+    let original = TestBroker::builder()
+        .auth(true)
+        .data_dir(dir.path())
+        .args(["--ha-queue-replication", "yes"])
+        .start();
+    let replica = ha_broker();
+    let oc = original
+        .try_connect_url(&original.url_for("admin", "pw"), Default::default())
+        .await
+        .expect("admin connects");
+    declare(&channel(&oc).await, "sec", FieldTable::default()).await;
+    declare(
+        &channel(&replica.connect().await).await,
+        "sec",
+        FieldTable::default(),
+    )
+    .await;
+    let r = qpid_ha(&[
+        "replicate",
+        "-b",
+        &addr(&replica),
+        &format!("plain/pw@{}", addr(&original)),
+        "sec",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("403") && r.stderr.contains("'ha' tag"),
+        "{r:?}"
+    );
+    let r = qpid_ha(&[
+        "replicate",
+        "-b",
+        &addr(&replica),
+        &format!("plain/wrong@{}", addr(&original)),
+        "sec",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("403"), "{r:?}");
+}

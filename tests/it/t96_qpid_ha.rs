@@ -123,7 +123,7 @@ fn a_broker_without_ha_is_standalone_and_says_ha_is_disabled() {
         doc,
         json!({"version": 1, "brokers": [{"address": address(&broker), "ha": false,
             "status": "standalone", "brokerId": null, "brokersUrl": null, "publicUrl": null,
-            "replicate": null, "error": null}]})
+            "replicate": null, "replicas": [], "subscriptions": [], "error": null}]})
     );
     ha(&broker, &["ping"]).silent(0);
     ha(&broker, &["promote", "--cluster-manager"]).failed_with(NOT_A_MEMBER);
@@ -172,7 +172,8 @@ async fn queue_replication_shows_the_ha_object() {
         doc,
         json!({"version": 1, "brokers": [{"address": address(&broker), "ha": true,
             "status": "standalone", "brokerId": id, "brokersUrl": "",
-            "publicUrl": "amqp:tcp:vip:5672", "replicate": "all", "error": null}]})
+            "publicUrl": "amqp:tcp:vip:5672", "replicate": "all", "replicas": [],
+            "subscriptions": [], "error": null}]})
     );
 
     // --all walks brokersUrl: the first broker answers, the closed port does not.
@@ -196,13 +197,23 @@ async fn queue_replication_shows_the_ha_object() {
     assert_eq!(doc["brokers"][0]["brokerId"], json!(id));
     assert_eq!(doc["brokers"][1]["error"]["kind"], json!("Connection"));
 
-    // replicate: the local queue must exist; then replication itself is not there yet.
+    // replicate: the local queue must exist; an original that does not answer in time makes
+    // it succeed with a warning (t97 has more).
     ha(&broker, &["replicate", "127.0.0.1:1", "missing"])
         .failed_with("NotFound: no queue 'missing'\n");
     let conn = broker.connect().await;
     declare(&channel(&conn).await, "orders", FieldTable::default()).await;
-    ha(&broker, &["replicate", "127.0.0.1:1", "orders"])
-        .failed_with("NotImplemented: queue replication is not implemented yet (issue 4)\n");
+    let replicate = run(&[
+        "replicate",
+        "127.0.0.1:1",
+        "orders",
+        "-b",
+        &address(&broker),
+        "--timeout=1",
+    ]);
+    assert_eq!(replicate.code, 0, "{replicate:?}");
+    assert!(replicate.stderr.starts_with("Warning: "), "{replicate:?}");
+    assert_eq!(ha(&broker, &["detach", "orders"]).ok(), "");
 
     // promote: refused, by the tool without --cluster-manager, by the broker with it.
     run(&["promote"]).failed_with(PROMOTE_WARNING);
@@ -235,6 +246,7 @@ fn usage_and_argument_errors_are_qpids() {
         \x20 ping         Check if the broker is alive and responding.\n\
         \x20 status       Print HA status.\n\
         \x20 replicate    Set up replication from <queue> on <remote-broker> to <queue> on the current broker.\n\
+        \x20 detach       Stop replicating <queue> on the current broker.\n\
         \x20 query        Print HA configuration and status.\n\n\
         For help with a command type: qpid-ha <command> --help\n";
     let none = run(&[]);

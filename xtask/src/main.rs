@@ -15,6 +15,10 @@
 //! * `cargo xtask interop [PYTEST ARGS...]` sets up the venv, builds `qpidd` and runs only the
 //!   interop tests, passing the arguments on to pytest (for example `-k ttl -x`).
 //! * `cargo xtask bench` is the speed and memory benchmark (see `bench.rs`).
+//! * `cargo xtask demo` is the README's first command: it builds everything, starts two brokers
+//!   on free ports with temporary data directories, replicates a queue from one to the other
+//!   with `qpid-config` and `qpid-ha`, shows the replica following, and stops them (see
+//!   `demo.rs`).
 //!
 //! Each step is announced as it starts and timed; the checks after the set-up keep going when
 //! one fails so a run reports every failure, and the command exits non-zero if any step failed.
@@ -22,6 +26,7 @@
 //! `CARGO_TARGET_DIR` is honoured (the venv lives in the target directory cargo reports).
 
 mod bench;
+mod demo;
 
 use anyhow::{Context, Result, bail, ensure};
 use std::ffi::{OsStr, OsString};
@@ -46,6 +51,8 @@ commands:
   ci                    cargo fmt --check, cargo clippy -D warnings, then everything `test` does
   interop [ARGS...]     set up the venv, build qpidd, run only the interop tests; ARGS go to pytest
   bench [OPTIONS]       the speed and memory benchmark (`cargo xtask bench --help`)
+  demo                  build everything, start two brokers and show a queue replicated from
+                        one to the other (the README's first command)
   help                  print this message
 
 environment:
@@ -100,6 +107,10 @@ fn run(args: &[String]) -> Result<bool> {
             Ok(x.summary())
         }
         "bench" => bench::run(rest),
+        "demo" => {
+            no_args("demo")?;
+            demo::run()
+        }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(true)

@@ -785,11 +785,6 @@ impl Channel {
                 "incarnation mismatch: the original queue '{name}' is incarnation {ours}"
             )));
         }
-        if q.is_replica() {
-            return Err(AmqpError::precondition_failed(format!(
-                "queue '{name}' is itself a replica here; replicate from its original"
-            )));
-        }
         let info = get(&c.arguments, replication::ARG_INFO).and_then(|v| match v {
             amq_protocol::types::AMQPValue::FieldTable(t) => Some(t.clone()),
             _ => None,
@@ -815,6 +810,11 @@ impl Channel {
             return Err(AmqpError::precondition_failed(
                 "the original's address is this broker's own: a queue cannot replicate itself",
             ));
+        }
+        if q.is_replica() {
+            return Err(AmqpError::precondition_failed(format!(
+                "queue '{name}' is itself a replica here; replicate from its original"
+            )));
         }
         let tag = if c.consumer_tag.as_str().is_empty() {
             server_generated_name("qpid.ha-q-")

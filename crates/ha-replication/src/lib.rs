@@ -85,6 +85,7 @@ impl HaModule for HaReplication {
         // Replicating again: the same incarnation is kept (its messages came from it).
         let previous = self.replicas.lock().remove(queue);
         let incarnation = previous.as_ref().and_then(|p| p.incarnation());
+        let was_replica = previous.is_some();
         if let Some(p) = &previous {
             p.stop();
         }
@@ -129,6 +130,10 @@ impl HaModule for HaReplication {
         self.runtime.spawn(async move {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(Ok(()))) => answer(Ok(None)),
+                Ok(Ok(Err(e))) if was_replica => {
+                    // It stays what it was: a protected replica, now in the failed state.
+                    answer(Err(e));
+                }
                 Ok(Ok(Err(e))) => {
                     // Nothing half-made: the queue is ordinary again, as before.
                     replica.stop();

@@ -93,6 +93,13 @@ fn table(values: &Map<String, Value>, key: &str) -> Map<String, Value> {
     }
 }
 
+fn list(values: &Map<String, Value>, key: &str) -> Vec<Value> {
+    match values.get(key) {
+        Some(Value::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    }
+}
+
 /// Every object of a class, untyped (`qpid-config list`).
 #[derive(Clone, Debug)]
 pub struct QueryObjects {
@@ -411,21 +418,53 @@ impl Operation for Shutdown {
     }
 }
 
-/// Starts replicating `queue` (which must exist here) from the same-named queue at `broker`:
-/// the HA object's `replicate` method.
+/// Starts replicating `queue` (which must exist here) from the same-named queue at `broker`
+/// (one address or a comma-separated list): the HA object's `replicate` method. The broker
+/// answers once its first attempt succeeded or failed, or after `timeout` seconds (the
+/// broker's default, 5, when `None`) with a warning while it keeps trying: the output is that
+/// warning.
 #[derive(Clone, Debug)]
 pub struct Replicate {
     pub broker: String,
     pub queue: String,
+    pub timeout: Option<f64>,
 }
 
 impl Operation for Replicate {
+    type Output = Option<String>;
+    fn request(&self) -> Request {
+        let mut arguments = json!({"broker": self.broker, "queue": self.queue});
+        if let Some(timeout) = self.timeout {
+            arguments["timeout"] = json!(timeout);
+        }
+        Request::Method {
+            object: HA_BROKER_OBJECT.into(),
+            name: "replicate".into(),
+            arguments,
+        }
+    }
+    fn parse(&self, answer: Value) -> Result<Option<String>, Error> {
+        Ok(answer
+            .get("warning")
+            .and_then(Value::as_str)
+            .map(str::to_string))
+    }
+}
+
+/// Stops replicating `queue` on this broker; it keeps its messages and becomes an ordinary
+/// queue: the HA object's `detach` method.
+#[derive(Clone, Debug)]
+pub struct Detach {
+    pub queue: String,
+}
+
+impl Operation for Detach {
     type Output = ();
     fn request(&self) -> Request {
         Request::Method {
             object: HA_BROKER_OBJECT.into(),
-            name: "replicate".into(),
-            arguments: json!({"broker": self.broker, "queue": self.queue}),
+            name: "detach".into(),
+            arguments: json!({"queue": self.queue}),
         }
     }
     fn parse(&self, _: Value) -> Result<(), Error> {
@@ -443,6 +482,12 @@ pub struct HaBrokerInfo {
     pub public_url: String,
     pub replicate_default: String,
     pub system_id: String,
+    /// One JSON object per replica queue on this broker (`queue`, `original`, `state`, `lag`,
+    /// ...), as the broker reports them; empty when the broker reports none.
+    pub replicas: Vec<Value>,
+    /// One JSON object per replicating subscription this broker serves as an original
+    /// (`queue`, `replica`, `state`, `lag`, `confirmsHeld`, ...); empty when none.
+    pub subscriptions: Vec<Value>,
 }
 
 /// Reads the HA object; `None` if the broker has none (it runs with neither
@@ -468,6 +513,8 @@ impl Operation for QueryHaBroker {
                     public_url: text(v, "publicUrl"),
                     replicate_default: text(v, "replicateDefault"),
                     system_id: text(v, "systemId"),
+                    replicas: list(v, "replicas"),
+                    subscriptions: list(v, "subscriptions"),
                 }
             }))
     }
@@ -506,6 +553,69 @@ mod tests {
         assert_eq!(
             reference_name(&json!({"_object_name": "org.apache.qpid.broker:queue:a:b"})),
             "a:b"
+        );
+    }
+
+    #[test]
+    fn the_ha_object_lists_replicas_and_subscriptions() {
+        let replica = json!({"queue": "q", "original": "node1", "state": "ready",
+            "lag": {"messages": 1, "bytes": 10, "oldestUnackedMs": 3}});
+        let subscription = json!({"queue": "s", "replica": "10.0.0.2:40000", "state": "catchup",
+            "lag": {"messages": 0, "bytes": 0, "oldestUnackedMs": 0}, "confirmsHeld": 2});
+        let answer = json!([{
+            "_object_id": {"_object_name": HA_BROKER_OBJECT},
+            "_values": {"name": "ha-broker", "status": "standalone", "systemId": "id",
+                "replicas": [replica], "subscriptions": [subscription]}
+        }]);
+        let info = QueryHaBroker.parse(answer).unwrap().unwrap();
+        assert_eq!(info.status, "standalone");
+        assert_eq!(info.replicas, [replica]);
+        assert_eq!(info.subscriptions, [subscription]);
+        // An older broker without the lists: both empty.
+        let answer = json!([{"_object_id": {"_object_name": HA_BROKER_OBJECT},
+            "_values": {"status": "joining"}}]);
+        let info = QueryHaBroker.parse(answer).unwrap().unwrap();
+        assert!(info.replicas.is_empty() && info.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn replicate_sends_its_timeout_and_reads_the_warning() {
+        let with = Replicate {
+            broker: "node1".into(),
+            queue: "q".into(),
+            timeout: Some(8.0),
+        };
+        let Request::Method { arguments, .. } = with.request() else {
+            panic!("not a method");
+        };
+        assert_eq!(
+            arguments,
+            json!({"broker": "node1", "queue": "q", "timeout": 8.0})
+        );
+        let without = Replicate {
+            timeout: None,
+            ..with.clone()
+        };
+        let Request::Method { arguments, .. } = without.request() else {
+            panic!("not a method");
+        };
+        assert_eq!(arguments, json!({"broker": "node1", "queue": "q"}));
+        assert_eq!(with.parse(json!({})).unwrap(), None);
+        assert_eq!(
+            with.parse(json!({"warning": "no answer yet"}))
+                .unwrap()
+                .as_deref(),
+            Some("no answer yet")
+        );
+        let Request::Method {
+            name, arguments, ..
+        } = (Detach { queue: "q".into() }).request()
+        else {
+            panic!("not a method");
+        };
+        assert_eq!(
+            (name.as_str(), arguments),
+            ("detach", json!({"queue": "q"}))
         );
     }
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 use clap::Parser;
 use mgmt_client::{
     BrokerAddress, Client, ConnectOptions, CreateBinding, CreateExchange, CreateQueue,
-    DeleteBinding, DeleteExchange, DeleteQueue, Error, GetLogLevel, QueryBindings, QueryExchanges,
-    QueryObjects, QueryQueues, QueueInfo, Replicate, SetLogLevel, Shutdown,
+    DeleteBinding, DeleteExchange, DeleteQueue, Error, GetLogLevel, HA_BROKER_OBJECT,
+    QueryBindings, QueryExchanges, QueryObjects, QueryQueues, QueueInfo, Replicate, SetLogLevel,
+    Shutdown,
 };
 use serde_json::{Map, Value};
 
@@ -96,7 +97,7 @@ async fn dispatch(client: &mut Client, cli: Cli) -> Result<Outcome, Error> {
         Some(Command::Queues { filter }) => queues(client, global, filter.as_deref()).await,
         Some(Command::Exchanges { filter }) => exchanges(client, global, filter.as_deref()).await,
         Some(Command::Add(AddCommand::Queue { name, options })) => {
-            add_queue(client, name, options).await
+            add_queue(client, name, options, global.timeout).await
         }
         Some(Command::Add(AddCommand::Exchange {
             exchange_type,
@@ -283,10 +284,18 @@ fn common_properties(common: &AddCommonOptions) -> Result<Map<String, Value>, Er
     Ok(properties)
 }
 
+/// The `timeout` the `replicate` method gets: 80% of the tool's own, so the broker answers
+/// (with a warning if the original is still silent) before the tool gives up; the broker's
+/// default when the tool waits forever (`--timeout 0`).
+fn replicate_timeout(tool_timeout: u64) -> Option<f64> {
+    (tool_timeout > 0).then_some(tool_timeout as f64 * 0.8)
+}
+
 async fn add_queue(
     client: &mut Client,
     name: String,
     options: AddQueueOptions,
+    tool_timeout: u64,
 ) -> Result<Outcome, Error> {
     let mut properties = common_properties(&options.common)?;
     if let Some(size) = options.max_queue_size {
@@ -313,9 +322,16 @@ async fn add_queue(
     let replicate = Replicate {
         broker: broker.clone(),
         queue: name.clone(),
+        timeout: replicate_timeout(tool_timeout),
     };
-    let Err(error) = client.run(&replicate).await else {
-        return Ok(Outcome::Done);
+    let error = match client.run(&replicate).await {
+        Ok(None) => return Ok(Outcome::Done),
+        Ok(Some(warning)) => {
+            // The original did not answer in time; the broker keeps trying.
+            eprintln!("Warning: {warning}");
+            return Ok(Outcome::Done);
+        }
+        Err(error) => error,
     };
     // Leave nothing behind: the queue was made only to replicate into.
     let undo = DeleteQueue {
@@ -327,16 +343,29 @@ async fn add_queue(
         Ok(()) => format!("queue '{name}' was removed"),
         Err(e) => format!("removing queue '{name}' failed too: {e}"),
     };
-    let message = format!(
-        "cannot start replicating queue '{name}' from {broker} (queue replication is not \
-         available on this broker: {error}); {undone}"
-    );
+    // A broker without HA has no HA object to call.
+    let no_ha = matches!(&error, Error::NotFound(text) if text.contains(HA_BROKER_OBJECT));
+    let message = if no_ha {
+        format!(
+            "cannot start replicating queue '{name}' from {broker} (queue replication is not \
+             available on this broker: {error}); {undone}"
+        )
+    } else {
+        format!("cannot start replicating queue '{name}' from {broker}: {error}; {undone}")
+    };
     Err(match error {
-        Error::NotFound(_) => Error::NotImplemented(message),
+        Error::NotFound(_) if no_ha => Error::NotImplemented(message),
+        Error::NotFound(_) => Error::NotFound(message),
         Error::AccessDenied(_) => Error::AccessDenied(message),
+        Error::InvalidRequest(_) => Error::InvalidRequest(message),
+        Error::NotImplemented(_) => Error::NotImplemented(message),
+        Error::PreconditionFailed(_) => Error::PreconditionFailed(message),
+        Error::ResourceLocked(_) => Error::ResourceLocked(message),
         Error::Timeout(_) => Error::Timeout(message),
         Error::Connection(_) => Error::Connection(message),
-        _ => Error::Internal(message),
+        Error::Auth(_) => Error::Auth(message),
+        Error::InvalidAddress(_) => Error::InvalidAddress(message),
+        Error::Internal(_) => Error::Internal(message),
     })
 }
 
@@ -428,6 +457,13 @@ async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicate_gets_most_of_the_tool_timeout() {
+        assert_eq!(replicate_timeout(10), Some(8.0));
+        assert_eq!(replicate_timeout(2), Some(1.6));
+        assert_eq!(replicate_timeout(0), None);
+    }
 
     #[test]
     fn arguments_with_integer_values_are_integers() {

@@ -14,6 +14,11 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "<remote-broker> <queue>",
         "Set up replication from <queue> on <remote-broker> to <queue> on the current broker.",
     ),
+    (
+        "detach",
+        "<queue>",
+        "Stop replicating <queue> on the current broker. The queue keeps its messages and becomes an ordinary queue.",
+    ),
     ("query", "", "Print HA configuration and status."),
 ];
 
@@ -338,6 +343,42 @@ mod tests {
         let p = run(&["--expect", "standalone", "-bh:2", "status"]);
         assert_eq!(p.expect.as_deref(), Some("standalone"));
         assert_eq!(p.common.broker.as_deref(), Some("h:2"));
+    }
+
+    #[test]
+    fn detach_takes_one_queue() {
+        let p = run(&["detach", "orders", "-b", "node2:5673"]);
+        assert_eq!(p.command, "detach");
+        assert_eq!(p.args, ["orders"]);
+        assert_eq!(p.common.broker.as_deref(), Some("node2:5673"));
+        let p = run(&["--timeout", "2.5", "orders", "detach"]);
+        assert_eq!(
+            (p.command.as_str(), p.args.as_slice()),
+            ("detach", &["orders".to_string()][..])
+        );
+        assert_eq!(p.common.timeout, Some(2.5));
+        for wrong in [&["detach"][..], &["detach", "a", "b"]] {
+            match parse(&argv(wrong)) {
+                Action::Fail { stdout, message } => {
+                    assert_eq!(message, "Wrong number of arguments");
+                    assert!(
+                        stdout.starts_with("Usage: detach [options] <queue>\n\nStop replicating <queue> on the current broker. The queue keeps"),
+                        "{stdout}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse(&argv(&["detach", "q", "--json"])),
+            Action::OptionError(t) if t.contains("no such option: --json")
+        ));
+        assert!(
+            matches!(parse(&argv(&["-h"])), Action::Help(t) if t.contains("  detach       Stop replicating <queue> on the current broker.\n"))
+        );
+        assert!(
+            matches!(parse(&argv(&["detach", "--help"])), Action::Help(t) if t.starts_with("Usage: detach [options] <queue>\n"))
+        );
     }
 
     #[test]

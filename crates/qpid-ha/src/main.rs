@@ -4,13 +4,15 @@
 
 mod args;
 mod conf;
+mod rows;
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use mgmt_client::{
-    BrokerAddress, Client, ConnectOptions, Error, HaBrokerInfo, Promote, QueryHaBroker, Replicate,
+    BrokerAddress, Client, ConnectOptions, Detach, Error, HaBrokerInfo, Promote, QueryHaBroker,
+    Replicate,
 };
 use serde_json::{Value, json};
 
@@ -22,6 +24,12 @@ const JSON_VERSION: u64 = 1;
 const NO_HA_STATUS: &str = "standalone";
 /// `query`'s line for a broker without HA.
 const HA_DISABLED: &str = "disabled (start qpidd with ha-queue-replication=yes or ha-cluster=yes)";
+/// `replicate` and `detach` on a broker without HA.
+const REPLICATION_DISABLED: &str =
+    "queue replication is disabled on this broker: start it with ha-queue-replication=yes";
+/// The share of the tool's timeout the broker gets to answer `replicate`, so that it answers
+/// (with a warning if the original is still silent) before the tool gives up.
+const REPLICATE_TIMEOUT_SHARE: f64 = 0.8;
 
 /// How a command ended.
 enum Failure {
@@ -114,14 +122,23 @@ async fn run(parsed: &Parsed) -> Result<(), Failure> {
         "promote" if !parsed.cluster_manager => Err(exception(args::PROMOTE_WARNING)),
         _ => {
             let mut client = Client::connect(&options).await?;
-            let result = command(parsed, &mut client).await;
+            let replicate_timeout = options
+                .timeout
+                .map(|t| t.as_secs_f64() * REPLICATE_TIMEOUT_SHARE);
+            let result = command(parsed, &mut client, replicate_timeout).await;
             client.close().await;
             result
         }
     }
 }
 
-async fn command(parsed: &Parsed, client: &mut Client) -> Result<(), Failure> {
+/// Runs a command that needs a management connection. `replicate_timeout` is the `timeout`
+/// given to the broker's `replicate` (its default when `None`: the tool waits forever).
+async fn command(
+    parsed: &Parsed,
+    client: &mut Client,
+    replicate_timeout: Option<f64>,
+) -> Result<(), Failure> {
     let ha = client.run(&QueryHaBroker).await?;
     match parsed.command.as_str() {
         "status" => status(parsed, ha.as_ref()).await,
@@ -133,18 +150,29 @@ async fn command(parsed: &Parsed, client: &mut Client) -> Result<(), Failure> {
             )),
             Some(_) => Ok(client.run(&Promote).await?),
         },
-        "replicate" => match ha {
-            None => Err(Failure::Error(
-                "PreconditionFailed".into(),
-                "queue replication is disabled on this broker: start it with ha-queue-replication=yes".into(),
-            )),
-            Some(_) => Ok(client
+        "replicate" | "detach" if ha.is_none() => Err(Failure::Error(
+            "PreconditionFailed".into(),
+            REPLICATION_DISABLED.into(),
+        )),
+        "replicate" => {
+            let warning = client
                 .run(&Replicate {
                     broker: parsed.args[0].clone(),
                     queue: parsed.args[1].clone(),
+                    timeout: replicate_timeout,
                 })
-                .await?),
-        },
+                .await?;
+            if let Some(warning) = warning {
+                // The original did not answer in time; the broker keeps trying.
+                eprintln!("Warning: {warning}");
+            }
+            Ok(())
+        }
+        "detach" => Ok(client
+            .run(&Detach {
+                queue: parsed.args[0].clone(),
+            })
+            .await?),
         other => Err(exception(format!("No valid command: {other}"))),
     }
 }
@@ -233,6 +261,8 @@ fn query_lines(ha: Option<&HaBrokerInfo>) -> String {
             line("Brokers URL:", &h.brokers_url),
             line("Public URL:", &h.public_url),
             line("Replicate: ", &h.replicate_default),
+            rows::replica_table(&h.replicas),
+            rows::subscription_table(&h.subscriptions),
         ]
         .concat(),
         None => [line("Status:", NO_HA_STATUS), line("HA:", HA_DISABLED)].concat(),
@@ -243,10 +273,11 @@ fn query_json(address: &str, ha: Option<&HaBrokerInfo>) -> Value {
     match ha {
         Some(h) => json!({"address": address, "ha": true, "status": h.status,
             "brokerId": h.system_id, "brokersUrl": h.brokers_url, "publicUrl": h.public_url,
-            "replicate": h.replicate_default, "error": null}),
+            "replicate": h.replicate_default, "replicas": h.replicas,
+            "subscriptions": h.subscriptions, "error": null}),
         None => json!({"address": address, "ha": false, "status": NO_HA_STATUS,
             "brokerId": null, "brokersUrl": null, "publicUrl": null, "replicate": null,
-            "error": null}),
+            "replicas": [], "subscriptions": [], "error": null}),
     }
 }
 
@@ -282,6 +313,7 @@ async fn query(parsed: &Parsed, ha: Option<&HaBrokerInfo>) -> Result<(), Failure
                 };
                 brokers.push(json!({"address": shown, "ha": null, "status": null,
                     "brokerId": null, "brokersUrl": null, "publicUrl": null, "replicate": null,
+                    "replicas": null, "subscriptions": null,
                     "error": {"kind": kind, "message": message}}));
             }
             Err(f) => println!("{shown} {}\n", failure_text(&f)),
