@@ -836,3 +836,85 @@ async fn a_link_user_without_the_ha_tag_is_refused_with_403() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("403"), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_subscription_is_invisible_to_the_originals_clients() {
+    let original = ha_broker();
+    let replica = ha_broker();
+    let oc = original.connect().await;
+    let rc = replica.connect().await;
+    // An exclusive queue of a client, and a queue that expires when unused.
+    let och = channel(&oc).await;
+    och.queue_declare(
+        "excl".into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exclusive queue");
+    declare(
+        &och,
+        "exp",
+        table(&[("x-expires", AMQPValue::LongInt(1500))]),
+    )
+    .await;
+    for q in ["excl", "exp"] {
+        declare(&channel(&rc).await, q, FieldTable::default()).await;
+    }
+    // The replica's own x-expires (not an argument replicas must share) never fires.
+    channel(&rc)
+        .await
+        .queue_delete("exp".into(), Default::default())
+        .await
+        .expect("delete");
+    declare(
+        &channel(&rc).await,
+        "exp",
+        table(&[("x-expires", AMQPValue::LongInt(500))]),
+    )
+    .await;
+    replicate(&replica, &addr(&original), "excl");
+    replicate(&replica, &addr(&original), "exp");
+    wait_state(&replica, "excl", "ready").await;
+    publish_n(&och, "excl", 0..2).await;
+    wait_count(&rc, "excl", 2).await;
+    // Not counted as a consumer.
+    let d = och
+        .queue_declare(
+            "excl".into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(d.consumer_count(), 0);
+    // The unused queue still expires on the original, and the replica keeps its messages.
+    wait_state(&replica, "exp", "original-lost").await;
+    assert!(!integration_tests::queue_exists(&oc, "exp").await);
+    // The replica's own x-expires does not delete it while it replicates.
+    assert!(integration_tests::queue_exists(&rc, "exp").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replica_goes_through_the_address_list() {
+    let (original, replica, oc, rc) = pair("list", FieldTable::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    publish_n(&channel(&oc).await, "list", 0..3).await;
+    let list = format!("127.0.0.1:{dead},{}", addr(&original));
+    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &list, "list"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_count(&rc, "list", 3).await;
+    let row = replica_rows(&replica)
+        .into_iter()
+        .find(|r| r["queue"] == "list")
+        .unwrap();
+    assert_eq!(row["connectedTo"], addr(&original).as_str());
+}
