@@ -606,6 +606,30 @@ async fn confirms_wait_for_a_ready_replica_and_are_released_when_it_stalls() {
     wait_state(&replica, "cf", "ready").await;
     let rc = replica.connect().await;
     wait_count(&rc, "cf", 2).await;
+    // A transaction's commit-ok waits the same way.
+    let tx = channel(&oc).await;
+    tx.tx_select().await.expect("tx mode");
+    tx.basic_publish(
+        "".into(),
+        "cf".into(),
+        BasicPublishOptions::default(),
+        b"t",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish");
+    proxy.stall(true);
+    let started = std::time::Instant::now();
+    within("commit-ok after the ack timeout", tx.tx_commit())
+        .await
+        .expect("commit");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "committed after {waited:?}: not held"
+    );
+    proxy.stall(false);
+    wait_count(&rc, "cf", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -253,11 +253,18 @@ impl Channel {
             tx.publishes.push(publication);
             return Ok(());
         }
-        self.route_and_confirm(ctx, publication);
+        self.route_and_confirm(ctx, publication, None);
         Ok(())
     }
 
-    fn route_and_confirm(&mut self, ctx: &ChannelContext<'_>, p: Publication) {
+    /// Routes a publication. Its confirm is the channel's next one in confirm mode, or, in a
+    /// transaction's commit, the commit's (`commit`: one hold-able record for all of them).
+    fn route_and_confirm(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        p: Publication,
+        commit: Option<&Arc<Confirms>>,
+    ) {
         let m = &p.message;
         self.route_buf.clear();
         // A management request goes to the agent instead of being routed.
@@ -282,10 +289,14 @@ impl Channel {
             c.last_seq += 1;
             c.last_seq
         });
-        let pending = match (&self.confirm, seq) {
-            (Some(c), Some(seq)) => Some(PendingConfirm {
+        let pending = match (&self.confirm, seq, commit) {
+            (Some(c), Some(seq), _) => Some(PendingConfirm {
                 confirms: &c.confirms,
                 seq,
+            }),
+            (_, _, Some(commit)) => Some(PendingConfirm {
+                confirms: commit,
+                seq: 1,
             }),
             _ => None,
         };
@@ -874,13 +885,16 @@ impl Channel {
                     ));
                 };
                 let work = std::mem::take(tx);
+                // commit-ok waits, like a confirm, for ready replicas to hold the publishes.
+                let commit = Confirms::for_commit(self.link.clone());
                 for p in work.publishes {
-                    self.route_and_confirm(ctx, p);
+                    self.route_and_confirm(ctx, p, Some(&commit));
                 }
                 for (s, kind) in work.settles {
                     self.apply_settle(ctx, s, kind)?;
                 }
-                self.reply(AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                commit.decided(1);
+                commit.flush();
                 Ok(())
             }
             tx::AMQPMethod::Rollback(_) => {

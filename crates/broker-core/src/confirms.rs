@@ -16,13 +16,18 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use amq_protocol::protocol::{AMQPClass, tx};
+
 use crate::delivery::ChannelLink;
+use crate::protocol::control::write_method;
 use crate::protocol::hot;
 
 /// The confirms of one channel.
 #[derive(Debug)]
 pub struct Confirms {
     link: Arc<ChannelLink>,
+    /// A transaction's commit: sequence 1 is the whole commit, answered with tx.commit-ok.
+    commit: bool,
     state: Mutex<State>,
 }
 
@@ -78,6 +83,17 @@ impl Confirms {
     pub fn new(link: Arc<ChannelLink>) -> Arc<Confirms> {
         Arc::new(Confirms {
             link,
+            commit: false,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// The record of one tx.commit: its publishes all take sequence number 1, and tx.commit-ok
+    /// is written when it is decided and no hold is left.
+    pub fn for_commit(link: Arc<ChannelLink>) -> Arc<Confirms> {
+        Arc::new(Confirms {
+            link,
+            commit: true,
             state: Mutex::new(State::default()),
         })
     }
@@ -118,9 +134,14 @@ impl Confirms {
         if upto > st.written {
             st.written = upto;
             let ch = self.link.channel;
-            self.link
-                .out
-                .write(|out| hot::write_ack(out, ch, upto, true));
+            if self.commit {
+                let ok = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
+                self.link.out.write(|out| write_method(out, ch, ok));
+            } else {
+                self.link
+                    .out
+                    .write(|out| hot::write_ack(out, ch, upto, true));
+            }
         }
     }
 
@@ -232,5 +253,24 @@ mod tests {
             written(&out),
             [(80, 1, true), (120, 2, false), (80, 3, true)]
         );
+    }
+
+    #[test]
+    fn a_commit_answers_commit_ok_once_its_holds_are_released() {
+        let out = Arc::new(Outbound::default());
+        let link = Arc::new(ChannelLink::new(1, 1, out.clone(), 131_072, true, 65_536));
+        let c = Confirms::for_commit(link);
+        let h = PendingConfirm {
+            confirms: &c,
+            seq: 1,
+        }
+        .hold();
+        c.decided(1);
+        c.flush();
+        assert!(out.take_for_test().is_empty());
+        drop(h);
+        let bytes = out.take_for_test();
+        let (f, _) = split_frame(&bytes, 0).unwrap().unwrap();
+        assert_eq!(&f.payload[..4], &[0, 90, 0, 21], "tx.commit-ok");
     }
 }
