@@ -324,6 +324,17 @@ impl Queue {
         *self.replica_of.lock() = original;
         if detach {
             *self.incarnation.lock() = uuid::Uuid::new_v4();
+            // Replicated messages carry no expiry (the original expires them); an ordinary
+            // queue's messages get their TTL again, counted from now.
+            let now = self.now_ms();
+            let mut st = self.state.lock();
+            for e in st.ready.levels.iter_mut().flatten() {
+                let ttl = match (self.settings.message_ttl_ms, e.message.expiration_ms()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                e.expires_at_ms = ttl.map_or(u64::MAX, |t| now.saturating_add(t));
+            }
         }
     }
 
@@ -1151,5 +1162,9 @@ mod tests {
         q.apply_enqueue(1, msg("a", None), false);
         assert!(!q.sweep(1_000_000));
         assert_eq!(q.lock().message_count(), 1);
+        // Detached, its messages expire again (counted from the detach).
+        q.set_replica_of(None);
+        q.sweep(b.now_ms() + 11);
+        assert_eq!(q.lock().message_count(), 0);
     }
 }

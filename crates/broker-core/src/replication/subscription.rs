@@ -589,8 +589,13 @@ mod tests {
     use crate::protocol::frame::split_frame;
 
     fn setup() -> (Arc<Broker>, Arc<Queue>, Arc<ChannelLink>, Arc<Outbound>) {
+        setup_with(0)
+    }
+
+    fn setup_with(flow_bytes: u64) -> (Arc<Broker>, Arc<Queue>, Arc<ChannelLink>, Arc<Outbound>) {
         let mut config = BrokerConfig::default();
         config.ha.queue_replication = true;
+        config.ha.flow_bytes = flow_bytes;
         let b = Broker::new(config, UserDb::default());
         let d = QueueDeclare {
             name: "q".into(),
@@ -730,5 +735,28 @@ mod tests {
         assert_eq!(names(&d), ["dequeue"]);
         assert_eq!(IdRanges::from_wire(&d[0].3).unwrap().ranges(), [(1, 3)]);
         assert!(sub.acked(999, false).is_err(), "unknown tag");
+    }
+
+    #[test]
+    fn the_byte_window_bounds_what_is_in_flight() {
+        let (b, q, link, out) = setup_with(10);
+        for body in ["aaaaaaaa", "bbbbbbbb", "cccccccc"] {
+            q.enqueue(msg(body), 0);
+        }
+        let sub = ReplicatingSubscription::start(
+            &b,
+            "t".into(),
+            q.clone(),
+            link,
+            ReplicaInfo::default(),
+            100,
+        );
+        sub.id_chunk(&[], true).unwrap();
+        let d = deliveries(&out);
+        // 8 bytes in flight < 10: one more goes; 16 >= 10: the rest waits.
+        assert_eq!(names(&d), ["init", "aaaaaaaa", "bbbbbbbb"]);
+        assert_eq!(sub.lag().bytes, 24);
+        sub.acked(d[2].0, true).unwrap();
+        assert_eq!(names(&deliveries(&out)), ["cccccccc", "ready"]);
     }
 }
