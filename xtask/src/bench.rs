@@ -22,6 +22,9 @@
 //! parser at the bottom of this file, and the queues for `cli-list-10k` are declared with the
 //! small AMQP 0-9-1 client [`RawAmqp`].
 
+#[path = "bench_replication.rs"]
+mod replication;
+
 use anyhow::{Context, Result, bail, ensure};
 use std::fmt::Write as _;
 use std::fs;
@@ -40,6 +43,8 @@ interleaved, and writes target/bench/latest.json. Scenario keys: auto-ack, manua
 latency, memory, lapin, and (issue 3, qpidd only, broker with --auth yes) cli-call (10 x --runs
 timed `qpid-config queues` calls) and cli-list-10k (10,000 queues listed --runs times, text and
 --json).
+Issue 4's replication measures (qpidd only, two brokers with --ha-queue-replication yes):
+repl-confirm, repl-lag, repl-reconnect, repl-catchup, or `replication` for all four.
 ";
 
 /// What a scenario measures and how it is judged.
@@ -260,7 +265,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         .context("xtask has no parent directory")?
         .to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("==> [bench] cargo build --release -p qpidd -p qpid-perftest -p qpid-config");
+    println!(
+        "==> [bench] cargo build --release -p qpidd -p qpid-perftest -p qpid-config -p qpid-ha"
+    );
     let status = Command::new(&cargo)
         .args([
             "build",
@@ -271,6 +278,8 @@ pub fn run(args: &[String]) -> Result<bool> {
             "qpid-perftest",
             "-p",
             "qpid-config",
+            "-p",
+            "qpid-ha",
         ])
         .current_dir(&root)
         .status()
@@ -280,6 +289,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let qpidd = target_dir.join("release/qpidd");
     let perftest = target_dir.join("release/qpid-perftest");
     let qpid_config = target_dir.join("release/qpid-config");
+    let qpid_ha = target_dir.join("release/qpid-ha");
     let out_dir = root.join("target/bench");
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let runs_dir = out_dir.join(format!("runs-{stamp}"));
@@ -309,7 +319,11 @@ pub fn run(args: &[String]) -> Result<bool> {
                 .is_none_or(|o| o.iter().any(|k| k == s.key))
         })
         .collect();
-    ensure!(!selected.is_empty(), "--only matched no scenario\n{USAGE}");
+    let repl_keys = replication::selected(&opts.only);
+    ensure!(
+        !selected.is_empty() || !repl_keys.is_empty(),
+        "--only matched no scenario\n{USAGE}"
+    );
     let machine = machine_info();
     println!("==> [bench] machine: {}", machine.to_text());
     let source = source_version(&root);
@@ -384,7 +398,30 @@ pub fn run(args: &[String]) -> Result<bool> {
         results.push(res);
     }
 
-    let table = render_table(&results, env.rabbit_server.is_some());
+    let repl = replication::run(
+        &replication::ReplEnv {
+            qpidd: &env.qpidd,
+            perftest: &env.perftest,
+            qpid_ha: &qpid_ha,
+            runs_dir: &env.runs_dir,
+            opts: &opts,
+        },
+        &repl_keys,
+    );
+    for r in &repl {
+        misbehaved.extend(r.problems.iter().map(|p| format!("replication: {p}")));
+    }
+    let mut table = if results.is_empty() {
+        String::new()
+    } else {
+        render_table(&results, env.rabbit_server.is_some())
+    };
+    if !repl.is_empty() {
+        if !table.is_empty() {
+            table.push('\n');
+        }
+        table.push_str(&replication::render_table(&repl));
+    }
     println!("\n{table}");
     let elapsed = started.elapsed().as_secs_f64();
     let report = Json::Obj(vec![
@@ -403,6 +440,10 @@ pub fn run(args: &[String]) -> Result<bool> {
         (
             "misbehaviour".into(),
             Json::Arr(misbehaved.iter().map(|m| Json::Str(m.clone())).collect()),
+        ),
+        (
+            "replication".into(),
+            Json::Arr(repl.iter().map(replication::ReplResult::to_json).collect()),
         ),
         ("table".into(), Json::Str(table.clone())),
     ]);
