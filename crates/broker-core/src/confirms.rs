@@ -11,7 +11,7 @@
 //!
 //! Lock order: queue → replicating subscription → `Confirms` → outbound buffer.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -37,8 +37,11 @@ struct State {
     decided: u64,
     /// Acked (or nacked) up to here.
     written: u64,
-    /// Holds per sequence number.
-    held: BTreeMap<u64, u32>,
+    /// Holds per sequence number, ascending (publishes are held in order); entries whose count
+    /// fell to 0 are dropped once they reach the front.
+    held: VecDeque<(u64, u32)>,
+    /// Entries of `held` with a non-zero count.
+    held_live: usize,
     /// Holds taken since the channel was created (statistics).
     holds_taken: u64,
 }
@@ -55,26 +58,72 @@ pub struct PendingConfirm<'a> {
 impl PendingConfirm<'_> {
     /// Holds the confirm back until the returned `Hold` is dropped.
     pub fn hold(&self) -> Hold {
-        let mut st = self.confirms.state.lock();
-        *st.held.entry(self.seq).or_insert(0) += 1;
+        let mut guard = self.confirms.state.lock();
+        let st = &mut *guard;
+        let at = match st.held.back() {
+            Some(&(seq, _)) if seq < self.seq => st.held.len(),
+            Some(&(seq, _)) if seq == self.seq => st.held.len() - 1,
+            // Not expected (sequence numbers only grow); keep the order anyway.
+            _ => st.held.partition_point(|&(s, _)| s < self.seq),
+        };
+        match st.held.get_mut(at) {
+            Some((seq, n)) if *seq == self.seq => {
+                if *n == 0 {
+                    st.held_live += 1;
+                }
+                *n += 1;
+            }
+            _ => {
+                st.held.insert(at, (self.seq, 1));
+                st.held_live += 1;
+            }
+        }
         st.holds_taken += 1;
         Hold {
-            confirms: self.confirms.clone(),
+            confirms: Some(self.confirms.clone()),
             seq: self.seq,
         }
     }
 }
 
-/// One hold on a publish's confirm; dropping it releases it.
+/// One hold on a publish's confirm; dropping it releases it ([`release_all`] releases many
+/// with one lock and one ack per channel).
 #[derive(Debug)]
 pub struct Hold {
-    confirms: Arc<Confirms>,
+    confirms: Option<Arc<Confirms>>,
     seq: u64,
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.confirms.release(self.seq);
+        if let Some(c) = self.confirms.take() {
+            let mut st = c.state.lock();
+            st.release(self.seq);
+            c.flush_locked(&mut st);
+        }
+    }
+}
+
+/// Releases holds, grouped by channel: one lock and at most one ack per channel, however many
+/// holds (a replica's `multiple` ack releases a whole window at once).
+pub fn release_all(holds: impl IntoIterator<Item = Hold>) {
+    let mut pending: Vec<(Arc<Confirms>, u64)> = holds
+        .into_iter()
+        .filter_map(|mut h| h.confirms.take().map(|c| (c, h.seq)))
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    pending.sort_by_key(|(c, seq)| (Arc::as_ptr(c) as usize, *seq));
+    let mut i = 0;
+    while i < pending.len() {
+        let c = pending[i].0.clone();
+        let mut st = c.state.lock();
+        while i < pending.len() && Arc::ptr_eq(&pending[i].0, &c) {
+            st.release(pending[i].1);
+            i += 1;
+        }
+        c.flush_locked(&mut st);
     }
 }
 
@@ -118,7 +167,7 @@ impl Confirms {
             }
             hot::write_nack(out, ch, seq, false, false);
         });
-        if st.held.range(..seq).next().is_none() {
+        if !st.held_below(seq) {
             st.written = seq;
         }
     }
@@ -130,6 +179,7 @@ impl Confirms {
     }
 
     fn flush_locked(&self, st: &mut State) {
+        st.drop_released_front();
         let upto = ack_upto(st);
         if upto > st.written {
             st.written = upto;
@@ -145,28 +195,47 @@ impl Confirms {
         }
     }
 
-    fn release(&self, seq: u64) {
-        let mut st = self.state.lock();
-        let Some(n) = st.held.get_mut(&seq) else {
-            return;
+    /// Publishes whose confirm is held now.
+    pub fn held_count(&self) -> usize {
+        self.state.lock().held_live
+    }
+}
+
+impl State {
+    fn release(&mut self, seq: u64) {
+        let at = match self.held.front() {
+            Some(&(s, _)) if s == seq => 0,
+            _ => self.held.partition_point(|&(s, _)| s < seq),
         };
-        *n -= 1;
-        if *n == 0 {
-            st.held.remove(&seq);
-            self.flush_locked(&mut st);
+        if let Some((s, n)) = self.held.get_mut(at)
+            && *s == seq
+            && *n > 0
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.held_live -= 1;
+            }
         }
     }
 
-    /// Publishes whose confirm is held now.
-    pub fn held_count(&self) -> usize {
-        self.state.lock().held.len()
+    fn drop_released_front(&mut self) {
+        while self.held.front().is_some_and(|&(_, n)| n == 0) {
+            self.held.pop_front();
+        }
+    }
+
+    fn held_below(&self, seq: u64) -> bool {
+        self.held
+            .iter()
+            .take_while(|&&(s, _)| s < seq)
+            .any(|&(_, n)| n > 0)
     }
 }
 
 /// The highest sequence number that can be acked: decided, and below every held one.
 fn ack_upto(st: &State) -> u64 {
-    match st.held.keys().next() {
-        Some(&first) => st.decided.min(first - 1),
+    match st.held.iter().find(|&&(_, n)| n > 0) {
+        Some(&(first, _)) => st.decided.min(first - 1),
         None => st.decided,
     }
 }

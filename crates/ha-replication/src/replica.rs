@@ -111,8 +111,11 @@ enum Ended {
     Lost(String),
     /// Refused by the original (credentials, version, arguments...): retry later.
     Refused(u16, String),
-    /// The link failed (I/O, heartbeats, shutdown of the original): retry.
+    /// The link failed (I/O, heartbeats, shutdown of the original): retry, backing off.
     Failed(String),
+    /// Nothing answered the TCP connect: retry at the maintenance interval (an attempt costs
+    /// the original nothing, and a restored link is found within one interval).
+    Unreachable(String),
 }
 
 impl Replica {
@@ -205,6 +208,8 @@ impl Replica {
         let mut stop = self.stop.subscribe();
         let mut backoff = self.settings.retry;
         let mut at = 0usize;
+        // An attempt in this pass over the list reached the original and failed.
+        let mut pass_failed = false;
         loop {
             if self.stopped() {
                 break;
@@ -230,6 +235,7 @@ impl Replica {
                 Ended::Refused(code, text) => {
                     let shown = format!("{code} {text}");
                     tracing::warn!(target: "HA", "replica '{}': {} refused the link: {shown}", self.queue.name, addr);
+                    pass_failed = true;
                     self.disconnected(State::Refused(shown.clone()), shown.clone());
                     if let Some(f) = first.take() {
                         let code = match code {
@@ -247,7 +253,16 @@ impl Replica {
                         return;
                     }
                 }
+                Ended::Unreachable(text) => {
+                    tracing::debug!(target: "HA", "replica '{}': {addr} unreachable: {text}", self.queue.name);
+                    let next = match self.state() {
+                        State::Refused(t) => State::Refused(t),
+                        _ => State::Connecting,
+                    };
+                    self.disconnected(next, text);
+                }
                 Ended::Failed(text) => {
+                    pass_failed = true;
                     tracing::info!(target: "HA", "replica '{}': link to {addr} failed: {text}", self.queue.name);
                     let next = match self.state() {
                         State::Refused(t) => State::Refused(t),
@@ -264,8 +279,14 @@ impl Replica {
             }
             // One pass over the whole list, then wait.
             if at.is_multiple_of(self.addresses.len()) {
-                let wait = backoff;
-                backoff = (backoff * 2).min(LINK_RETRY_MAX);
+                let wait = if pass_failed {
+                    let w = backoff;
+                    backoff = (backoff * 2).min(LINK_RETRY_MAX);
+                    w
+                } else {
+                    self.settings.retry
+                };
+                pass_failed = false;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|s| *s) => break,
@@ -324,6 +345,9 @@ impl Replica {
         };
         let mut link = match Link::connect(&settings).await {
             Ok(l) => l,
+            Err(e @ (LinkError::Io(_) | LinkError::Timeout("TCP connect"))) => {
+                return Ended::Unreachable(e.to_string());
+            }
             Err(e) => return failure(e),
         };
         let window = u16::try_from(s.window).unwrap_or(u16::MAX);

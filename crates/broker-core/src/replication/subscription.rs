@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use crate::broker::Broker;
-use crate::confirms::{Hold, PendingConfirm};
+use crate::confirms::{Hold, PendingConfirm, release_all};
 use crate::delivery::ChannelLink;
 use crate::error::AmqpError;
 use crate::message::Message;
@@ -301,9 +301,9 @@ impl ReplicatingSubscription {
         }
         self.pump(&mut st);
         drop(st);
-        // Dropping the holds releases the confirms (after the subscription's lock: the order
-        // is subscription → confirms either way, this just keeps the lock short).
-        drop(released);
+        // Released after the subscription's lock (the order is subscription → confirms either
+        // way; this keeps the lock short), all at once: one ack per publishing channel.
+        release_all(released.into_iter().filter_map(|f| f.hold));
         Ok(())
     }
 
@@ -342,7 +342,7 @@ impl ReplicatingSubscription {
             self.write_event(&mut st, event::LAG, body.to_string().as_bytes(), false);
         }
         drop(st);
-        drop(dropped);
+        release_all(dropped);
     }
 
     /// The channel or connection closed: stop observing and release every hold.
@@ -365,7 +365,7 @@ impl ReplicatingSubscription {
             held.extend(st.in_flight.drain(..).filter_map(|f| f.hold));
             held
         };
-        drop(held);
+        release_all(held);
         if was_open {
             tracing::info!(target: "HA", "replicating subscription to queue '{}' from {} ended", self.queue.name, self.replica.peer);
         }
@@ -419,47 +419,8 @@ impl ReplicatingSubscription {
                         continue; // dequeued before it was sent
                     };
                     st.unsent_bytes -= size;
-                    if id != st.last_sent_id + 1 {
-                        self.write_event(st, event::ID, &id.to_be_bytes(), false);
-                    }
-                    st.last_sent_id = id;
                     let hold = st.pending_holds.remove(&id);
-                    let tag = self.next_tag(st);
-                    let ch = self.link.channel;
-                    let frame_max = self.link.frame_max;
-                    let ctag = self.tag.as_str();
-                    let m = &message;
-                    self.link.out.write(|out| {
-                        out.reserve(hot::delivery_size_hint(
-                            ctag,
-                            m.exchange(),
-                            m.routing_key(),
-                            m.raw_properties(),
-                            m.body().len(),
-                            frame_max,
-                        ));
-                        hot::write_deliver(
-                            out,
-                            ch,
-                            ctag,
-                            tag,
-                            redelivered,
-                            m.exchange(),
-                            m.routing_key(),
-                        );
-                        hot::write_content(out, ch, m.raw_properties(), m.body(), frame_max);
-                    });
-                    let sent_ms = self.now_ms();
-                    st.in_flight_data += 1;
-                    st.in_flight_bytes += size;
-                    st.in_flight.push_back(InFlight {
-                        tag,
-                        bytes: size,
-                        data: true,
-                        ready_marker: false,
-                        sent_ms,
-                        hold,
-                    });
+                    self.send_data(st, id, &message, redelivered, hold);
                 }
                 Item::Dequeue(ids) => {
                     let body = ids.to_wire_chunks().concat();
@@ -468,6 +429,56 @@ impl ReplicatingSubscription {
                 Item::Ready => self.write_event(st, event::READY, &[], true),
             }
         }
+    }
+
+    /// Writes one data delivery (with an `id` event first when the id does not follow).
+    fn send_data(
+        &self,
+        st: &mut State,
+        id: u64,
+        m: &Message,
+        redelivered: bool,
+        hold: Option<Hold>,
+    ) {
+        if id != st.last_sent_id + 1 {
+            self.write_event(st, event::ID, &id.to_be_bytes(), false);
+        }
+        st.last_sent_id = id;
+        let size = m.body_size();
+        let tag = self.next_tag(st);
+        let ch = self.link.channel;
+        let frame_max = self.link.frame_max;
+        let ctag = self.tag.as_str();
+        self.link.out.write(|out| {
+            out.reserve(hot::delivery_size_hint(
+                ctag,
+                m.exchange(),
+                m.routing_key(),
+                m.raw_properties(),
+                m.body().len(),
+                frame_max,
+            ));
+            hot::write_deliver(
+                out,
+                ch,
+                ctag,
+                tag,
+                redelivered,
+                m.exchange(),
+                m.routing_key(),
+            );
+            hot::write_content(out, ch, m.raw_properties(), m.body(), frame_max);
+        });
+        st.in_flight_data += 1;
+        st.in_flight_bytes += size;
+        st.in_flight.push_back(InFlight {
+            tag,
+            bytes: size,
+            data: true,
+            ready_marker: false,
+            sent_ms: self.now_ms(),
+            hold,
+        });
     }
 
     fn next_tag(&self, st: &mut State) -> u64 {
@@ -517,12 +528,18 @@ impl QueueObserver for ReplicatingSubscription {
         if !matches!(st.phase, Phase::CatchUp | Phase::Ready) {
             return;
         }
+        let hold = match (st.phase, confirm) {
+            (Phase::Ready, Some(c)) => Some(c.hold()),
+            _ => None,
+        };
+        if st.items.is_empty() && self.has_credit(&st) {
+            // Nothing waits before it: straight to the replica.
+            self.send_data(&mut st, entry.id, &entry.message, entry.redelivered, hold);
+            return;
+        }
         let size = entry.message.body_size();
-        if st.phase == Phase::Ready
-            && let Some(c) = confirm
-        {
-            let hold = c.hold();
-            st.pending_holds.insert(entry.id, hold);
+        if let Some(h) = hold {
+            st.pending_holds.insert(entry.id, h);
         }
         st.unsent.insert(entry.id, size);
         st.unsent_bytes += size;
@@ -571,7 +588,7 @@ impl QueueObserver for ReplicatingSubscription {
             held.extend(st.in_flight.iter_mut().filter_map(|f| f.hold.take()));
             held
         };
-        drop(held);
+        release_all(held);
         tracing::info!(target: "HA", "queue '{}' deleted: cancelling the replicating subscription of {}", queue.name, self.replica.peer);
         crate::channel::write_server_cancel(&self.link, &self.tag);
     }
