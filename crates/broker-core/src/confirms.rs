@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -26,6 +27,10 @@ use crate::protocol::hot;
 #[derive(Debug)]
 pub struct Confirms {
     link: Arc<ChannelLink>,
+    /// Sequence number of the last publish decided (routed, or nacked). Written by the
+    /// publishing channel without the lock; a release that reads an older value leaves the
+    /// newer acks to the channel's own flush at the end of its batch.
+    decided: AtomicU64,
     /// A transaction's commit: sequence 1 is the whole commit, answered with tx.commit-ok.
     commit: bool,
     state: Mutex<State>,
@@ -33,8 +38,6 @@ pub struct Confirms {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Sequence number of the last publish decided (routed, or nacked).
-    decided: u64,
     /// Acked (or nacked) up to here.
     written: u64,
     /// Holds per sequence number, ascending (publishes are held in order); entries whose count
@@ -132,6 +135,7 @@ impl Confirms {
     pub fn new(link: Arc<ChannelLink>) -> Arc<Confirms> {
         Arc::new(Confirms {
             link,
+            decided: AtomicU64::new(0),
             commit: false,
             state: Mutex::new(State::default()),
         })
@@ -142,6 +146,7 @@ impl Confirms {
     pub fn for_commit(link: Arc<ChannelLink>) -> Arc<Confirms> {
         Arc::new(Confirms {
             link,
+            decided: AtomicU64::new(0),
             commit: true,
             state: Mutex::new(State::default()),
         })
@@ -150,15 +155,15 @@ impl Confirms {
     /// The publish `seq` is routed (its holds, if any, are taken). The ack is written by the
     /// next [`Confirms::flush`] or release.
     pub fn decided(&self, seq: u64) {
-        self.state.lock().decided = seq;
+        self.decided.store(seq, Ordering::Release);
     }
 
     /// The publish `seq` was refused by a queue: writes the acks that can go before it, then
     /// its nack.
     pub fn nack(&self, seq: u64) {
         let mut st = self.state.lock();
-        st.decided = seq;
-        let before = ack_upto(&st).min(seq - 1);
+        self.decided.store(seq, Ordering::Release);
+        let before = ack_upto(&st, self.decided.load(Ordering::Acquire)).min(seq - 1);
         let written = st.written;
         let ch = self.link.channel;
         self.link.out.write(|out| {
@@ -180,7 +185,7 @@ impl Confirms {
 
     fn flush_locked(&self, st: &mut State) {
         st.drop_released_front();
-        let upto = ack_upto(st);
+        let upto = ack_upto(st, self.decided.load(Ordering::Acquire));
         if upto > st.written {
             st.written = upto;
             let ch = self.link.channel;
@@ -233,10 +238,10 @@ impl State {
 }
 
 /// The highest sequence number that can be acked: decided, and below every held one.
-fn ack_upto(st: &State) -> u64 {
+fn ack_upto(st: &State, decided: u64) -> u64 {
     match st.held.iter().find(|&&(_, n)| n > 0) {
-        Some(&(first, _)) => st.decided.min(first - 1),
-        None => st.decided,
+        Some(&(first, _)) => decided.min(first - 1),
+        None => decided,
     }
 }
 

@@ -74,6 +74,24 @@ struct OutboundBuf {
 thread_local! {
     /// Outbounds that received bytes during the current batch on this thread.
     static DEFERRED: RefCell<Option<Vec<Arc<Outbound>>>> = const { RefCell::new(None) };
+    /// Work deferred to the end of the current batch on this thread (before the flushes).
+    static BATCH_END: RefCell<Vec<Arc<dyn EndOfBatch>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Something that coalesces work over a batch (a replicating subscription's dequeue events).
+pub trait EndOfBatch: Send + Sync {
+    /// Called once at the end of the batch it was deferred in.
+    fn end_of_batch(&self);
+}
+
+/// Asks for `hook.end_of_batch()` when the batch running on this thread ends. Returns false
+/// (and does nothing) outside a batch: the caller then does the work at once.
+pub fn defer_to_end_of_batch(hook: Arc<dyn EndOfBatch>) -> bool {
+    let in_batch = DEFERRED.with(|d| d.borrow().is_some());
+    if in_batch {
+        BATCH_END.with(|b| b.borrow_mut().push(hook));
+    }
+    in_batch
 }
 
 /// Runs `handle` (a batch of frames read in one go) and then writes, inline, everything it
@@ -92,6 +110,16 @@ pub fn run_batch<R>(handle: impl FnOnce() -> R) -> R {
         return handle();
     }
     let r = handle();
+    // Deferred work first: what it writes is flushed with the rest.
+    loop {
+        let hooks = BATCH_END.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if hooks.is_empty() {
+            break;
+        }
+        for h in hooks {
+            h.end_of_batch();
+        }
+    }
     let touched = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
     let mut spare = Vec::new();
     for out in touched {
@@ -121,6 +149,29 @@ impl Outbound {
         if added > 0 {
             self.pending_bytes.fetch_add(added, Ordering::Relaxed);
             if before == 0 && !self.defer() {
+                self.notify.notify_one();
+            }
+        }
+        r
+    }
+
+    /// Appends frames like [`Outbound::write`], but leaves the writing to the connection's
+    /// writer task even inside a batch: the socket write then runs on another thread than the
+    /// reader that produced the frames (replication streams, whose writes would otherwise add
+    /// to the publishing connection's thread).
+    pub fn write_by_writer<R>(&self, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let mut b = self.buf.lock();
+        let before = b.bytes.len();
+        let r = write(&mut b.bytes);
+        let added = b.bytes.len() - before;
+        if b.dead {
+            b.bytes.clear();
+            return r;
+        }
+        drop(b);
+        if added > 0 {
+            self.pending_bytes.fetch_add(added, Ordering::Relaxed);
+            if before == 0 {
                 self.notify.notify_one();
             }
         }

@@ -6,7 +6,7 @@
 //! uuid made when the queue is created). Ready messages are kept sorted by id within their
 //! priority level, so a requeued message goes back to its place.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -130,7 +130,7 @@ pub struct QueueState {
     observers: Vec<Arc<dyn QueueObserver>>,
     /// Delivered and not yet settled, by id; kept only on brokers with HA enabled (the
     /// snapshot a replicating subscription starts from includes them).
-    acquired: Option<BTreeMap<u64, QueuedMessage>>,
+    acquired: Option<Acquired>,
 }
 
 /// Ready messages by priority level, each level sorted by id.
@@ -211,6 +211,59 @@ impl Ready {
     }
 }
 
+/// Delivered-not-settled messages by id. Deliveries come mostly in id order and acks mostly
+/// oldest first, so this is a deque sorted by id where a settled entry leaves a hole that is
+/// dropped once it reaches the front, and holes are compacted away when they outnumber the
+/// entries (a message left unacked while later ones are acked).
+#[derive(Debug, Default)]
+struct Acquired {
+    entries: VecDeque<(u64, Option<QueuedMessage>)>,
+    live: usize,
+}
+
+impl Acquired {
+    fn insert(&mut self, e: QueuedMessage) {
+        let id = e.id;
+        if self.entries.back().is_none_or(|&(b, _)| b < id) {
+            self.entries.push_back((id, Some(e)));
+        } else {
+            let at = self.entries.partition_point(|&(x, _)| x < id);
+            if self.entries.get(at).is_some_and(|&(x, _)| x == id) {
+                if self.entries[at].1.is_none() {
+                    self.live += 1;
+                }
+                self.entries[at].1 = Some(e);
+                return;
+            }
+            self.entries.insert(at, (id, Some(e)));
+        }
+        self.live += 1;
+    }
+
+    fn remove(&mut self, id: u64) {
+        let at = match self.entries.front() {
+            Some(&(f, _)) if f == id => 0,
+            _ => self.entries.partition_point(|&(x, _)| x < id),
+        };
+        if let Some((x, slot)) = self.entries.get_mut(at)
+            && *x == id
+            && slot.take().is_some()
+        {
+            self.live -= 1;
+        }
+        while self.entries.front().is_some_and(|(_, e)| e.is_none()) {
+            self.entries.pop_front();
+        }
+        if self.entries.len() > 64 && self.entries.len() > 2 * self.live {
+            self.entries.retain(|(_, e)| e.is_some());
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &QueuedMessage> {
+        self.entries.iter().filter_map(|(_, e)| e.as_ref())
+    }
+}
+
 /// What a dispatch or an enqueue produced that must be handled after the queue lock is released.
 #[derive(Debug, Default)]
 pub struct Leftovers {
@@ -258,7 +311,7 @@ impl Queue {
                 enqueued_total: 0,
                 dequeued_total: 0,
                 observers: Vec::new(),
-                acquired: track_acquired.then(BTreeMap::new),
+                acquired: track_acquired.then(Acquired::default),
             }),
         }
     }
@@ -360,7 +413,7 @@ impl Queue {
         let st = self.state.lock();
         let mut ids: Vec<u64> = st.ready.levels.iter().flatten().map(|e| e.id).collect();
         if let Some(a) = &st.acquired {
-            ids.extend(a.keys());
+            ids.extend(a.values().map(|e| e.id));
         }
         ids.sort_unstable();
         IdRanges::from_sorted(ids)
@@ -613,7 +666,7 @@ impl Queue {
         } else {
             st.unacked_count += 1;
             if let Some(a) = st.acquired.as_mut() {
-                a.insert(entry.id, entry.clone());
+                a.insert(entry.clone());
             }
             let unacked = Unacked {
                 queue: self.clone(),
@@ -682,7 +735,7 @@ impl Queue {
             for e in entries {
                 st.unacked_count -= 1;
                 if let Some(a) = st.acquired.as_mut() {
-                    a.remove(&e.id);
+                    a.remove(e.id);
                 }
                 if self.is_deleted() {
                     self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
@@ -706,7 +759,7 @@ impl Queue {
             for mut e in entries {
                 st.unacked_count -= 1;
                 if let Some(a) = st.acquired.as_mut() {
-                    a.remove(&e.id);
+                    a.remove(e.id);
                 }
                 if self.is_deleted() {
                     self.record_dequeue(&mut st, &e, DequeueReason::Deleted);
@@ -1166,5 +1219,30 @@ mod tests {
         q.set_replica_of(None);
         q.sweep(b.now_ms() + 11);
         assert_eq!(q.lock().message_count(), 0);
+    }
+
+    #[test]
+    fn acquired_keeps_order_and_compacts_holes() {
+        let m = |id| QueuedMessage {
+            id,
+            message: msg("x", None),
+            redelivered: false,
+            expires_at_ms: u64::MAX,
+        };
+        let mut a = Acquired::default();
+        for id in 1..=200 {
+            a.insert(m(id));
+        }
+        a.insert(m(0));
+        // 1 stays unacked while the rest are acked: holes are compacted.
+        for id in 2..=200 {
+            a.remove(id);
+        }
+        a.remove(0);
+        assert_eq!(a.values().map(|e| e.id).collect::<Vec<_>>(), [1]);
+        assert!(a.entries.len() <= 65, "{} entries kept", a.entries.len());
+        a.remove(1);
+        assert!(a.entries.is_empty());
+        assert_eq!(a.live, 0);
     }
 }

@@ -117,6 +117,8 @@ struct State {
     last_lag_ms: u64,
     /// Times the replica left state ready because it was too slow to acknowledge.
     stalls: u64,
+    /// Dequeue events wait for the end of the current batch, to go out as one event.
+    flush_at_batch_end: bool,
 }
 
 /// A replicating subscription on the original.
@@ -173,6 +175,7 @@ impl ReplicatingSubscription {
                 last_sent_id: 0,
                 last_lag_ms: 0,
                 stalls: 0,
+                flush_at_batch_end: false,
             }),
         });
         let init = json!({
@@ -449,7 +452,7 @@ impl ReplicatingSubscription {
         let ch = self.link.channel;
         let frame_max = self.link.frame_max;
         let ctag = self.tag.as_str();
-        self.link.out.write(|out| {
+        self.link.out.write_by_writer(|out| {
             out.reserve(hot::delivery_size_hint(
                 ctag,
                 m.exchange(),
@@ -492,7 +495,7 @@ impl ReplicatingSubscription {
         let ch = self.link.channel;
         let frame_max = self.link.frame_max;
         let ctag = self.tag.as_str();
-        self.link.out.write(|out| {
+        self.link.out.write_by_writer(|out| {
             hot::write_deliver(out, ch, ctag, tag, false, EVENT_EXCHANGE, name);
             hot::write_content(out, ch, &NO_PROPERTIES, body, frame_max);
         });
@@ -520,6 +523,16 @@ fn lag_of(st: &State, now_ms: u64) -> Lag {
 
 fn unknown_tag(tag: u64) -> AmqpError {
     AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+}
+
+impl crate::delivery::EndOfBatch for ReplicatingSubscription {
+    fn end_of_batch(&self) {
+        let mut st = self.state.lock();
+        st.flush_at_batch_end = false;
+        if matches!(st.phase, Phase::CatchUp | Phase::Ready) {
+            self.pump(&mut st);
+        }
+    }
 }
 
 impl QueueObserver for ReplicatingSubscription {
@@ -574,6 +587,20 @@ impl QueueObserver for ReplicatingSubscription {
         if !appended {
             st.items
                 .push_back(Item::Dequeue(IdRanges::from_sorted([id])));
+        }
+        if st.flush_at_batch_end {
+            return;
+        }
+        // Coalesce the dequeues of this batch (an ack frame settles many) into one event.
+        let me: Option<Arc<dyn crate::delivery::EndOfBatch>> = self
+            .me
+            .upgrade()
+            .map(|m| m as Arc<dyn crate::delivery::EndOfBatch>);
+        if let Some(me) = me
+            && crate::delivery::defer_to_end_of_batch(me)
+        {
+            st.flush_at_batch_end = true;
+            return;
         }
         self.pump(&mut st);
     }
