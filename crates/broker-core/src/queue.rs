@@ -354,7 +354,7 @@ impl Queue {
     pub fn observe_from_snapshot(
         &self,
         observer: Arc<dyn QueueObserver>,
-        with: impl FnOnce(&[QueuedMessage]),
+        with: impl FnOnce(Vec<QueuedMessage>),
     ) {
         let mut st = self.state.lock();
         let mut all: Vec<QueuedMessage> = st.ready.levels.iter().flatten().cloned().collect();
@@ -363,7 +363,7 @@ impl Queue {
         }
         all.sort_unstable_by_key(|e| e.id);
         st.observers.push(observer);
-        with(&all);
+        with(all);
     }
 
     // ---- the replica side ----------------------------------------------------------------

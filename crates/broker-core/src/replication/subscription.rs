@@ -86,6 +86,8 @@ enum Item {
         redelivered: bool,
     },
     Dequeue(IdRanges),
+    /// The catch-up snapshot (`State::snapshot`) goes out here, in id order.
+    Snapshot,
     Ready,
 }
 
@@ -108,6 +110,11 @@ struct State {
     /// Ids of data items queued and not sent yet, with their body size.
     unsent: HashMap<u64, u64>,
     unsent_bytes: u64,
+    /// What the queue held at subscription, minus what the replica has, by id; an entry
+    /// dequeued before it was sent becomes `None`.
+    snapshot: VecDeque<(u64, Option<QueuedMessage>)>,
+    snapshot_live: u64,
+    snapshot_bytes: u64,
     pending_holds: HashMap<u64, Hold>,
     next_tag: u64,
     in_flight: VecDeque<InFlight>,
@@ -167,6 +174,9 @@ impl ReplicatingSubscription {
                 items: VecDeque::new(),
                 unsent: HashMap::new(),
                 unsent_bytes: 0,
+                snapshot: VecDeque::new(),
+                snapshot_live: 0,
+                snapshot_bytes: 0,
                 pending_holds: HashMap::new(),
                 next_tag: 1,
                 in_flight: VecDeque::new(),
@@ -244,26 +254,28 @@ impl ReplicatingSubscription {
         let observer: Arc<dyn QueueObserver> = me;
         self.queue.observe_from_snapshot(observer, |snapshot| {
             let mut st = self.state.lock();
+            let snapshot: Vec<QueuedMessage> = snapshot;
             let present: Vec<u64> = snapshot.iter().map(|e| e.id).collect();
             let gone = st.replica_ids.minus_sorted(&present);
             for chunk in gone.ranges().chunks(CHUNK_RANGES_MAX) {
                 st.items.push_back(Item::Dequeue(IdRanges::from_ranges(chunk)));
             }
-            let mut sent = 0u64;
-            for e in snapshot {
-                if st.replica_ids.contains(e.id) {
-                    continue;
-                }
-                let size = e.message.body_size();
-                st.unsent.insert(e.id, size);
-                st.unsent_bytes += size;
-                st.items.push_back(Item::Data {
-                    id: e.id,
-                    message: e.message.clone(),
-                    redelivered: e.redelivered,
-                });
-                sent += 1;
+            // References only, under the queue's lock: no per-message bookkeeping here.
+            let mut snap: VecDeque<(u64, Option<QueuedMessage>)> =
+                snapshot.into_iter().map(|e| (e.id, Some(e))).collect();
+            if !st.replica_ids.is_empty() {
+                let have = &st.replica_ids;
+                snap.retain(|(id, _)| !have.contains(*id));
             }
+            let sent = snap.len() as u64;
+            st.snapshot_bytes = snap
+                .iter()
+                .filter_map(|(_, e)| e.as_ref())
+                .map(|e| e.message.body_size())
+                .sum();
+            st.snapshot_live = sent;
+            st.snapshot = snap;
+            st.items.push_back(Item::Snapshot);
             st.items.push_back(Item::Ready);
             st.phase = Phase::CatchUp;
             tracing::info!(target: "HA", "queue '{}': catch-up of {} for {}: {sent} messages to send, {} ids to dequeue, {} already there",
@@ -364,6 +376,7 @@ impl ReplicatingSubscription {
             let mut st = self.state.lock();
             st.items.clear();
             st.unsent.clear();
+            st.snapshot.clear();
             let mut held: Vec<Hold> = st.pending_holds.drain().map(|(_, h)| h).collect();
             held.extend(st.in_flight.drain(..).filter_map(|f| f.hold));
             held
@@ -409,10 +422,25 @@ impl ReplicatingSubscription {
     /// Sends queued items while the window allows.
     fn pump(&self, st: &mut State) {
         while self.has_credit(st) {
+            if matches!(st.items.front(), Some(Item::Snapshot)) {
+                match st.snapshot.pop_front() {
+                    None => {
+                        st.items.pop_front();
+                    }
+                    Some((_, None)) => {}
+                    Some((id, Some(e))) => {
+                        st.snapshot_live -= 1;
+                        st.snapshot_bytes -= e.message.body_size();
+                        self.send_data(st, id, &e.message, e.redelivered, None);
+                    }
+                }
+                continue;
+            }
             let Some(item) = st.items.pop_front() else {
                 break;
             };
             match item {
+                Item::Snapshot => {}
                 Item::Data {
                     id,
                     message,
@@ -512,8 +540,8 @@ impl ReplicatingSubscription {
 
 fn lag_of(st: &State, now_ms: u64) -> Lag {
     Lag {
-        messages: st.in_flight_data + st.unsent.len() as u64,
-        bytes: st.in_flight_bytes + st.unsent_bytes,
+        messages: st.in_flight_data + st.unsent.len() as u64 + st.snapshot_live,
+        bytes: st.in_flight_bytes + st.unsent_bytes + st.snapshot_bytes,
         oldest_unacked_ms: st
             .in_flight
             .front()
@@ -580,6 +608,18 @@ impl QueueObserver for ReplicatingSubscription {
             drop(hold);
             return;
         }
+        if st.snapshot.front().is_some_and(|&(first, _)| first <= id) {
+            let at = st.snapshot.partition_point(|&(x, _)| x < id);
+            if let Some((x, slot)) = st.snapshot.get_mut(at)
+                && *x == id
+                && let Some(e) = slot.take()
+            {
+                // Never sent: the replica sees neither the message nor its dequeue.
+                st.snapshot_live -= 1;
+                st.snapshot_bytes -= e.message.body_size();
+                return;
+            }
+        }
         let appended = match st.items.back_mut() {
             Some(Item::Dequeue(r)) if r.ranges().len() < CHUNK_RANGES_MAX => r.push(id),
             _ => false,
@@ -611,6 +651,7 @@ impl QueueObserver for ReplicatingSubscription {
             st.phase = Phase::Closed;
             st.items.clear();
             st.unsent.clear();
+            st.snapshot.clear();
             let mut held: Vec<Hold> = st.pending_holds.drain().map(|(_, h)| h).collect();
             held.extend(st.in_flight.iter_mut().filter_map(|f| f.hold.take()));
             held
@@ -802,5 +843,31 @@ mod tests {
         assert_eq!(sub.lag().bytes, 24);
         sub.acked(d[2].0, true).unwrap();
         assert_eq!(names(&deliveries(&out)), ["cccccccc", "ready"]);
+    }
+
+    #[test]
+    fn snapshot_messages_dequeued_before_they_are_sent_vanish() {
+        let (b, q, link, out) = setup();
+        for body in ["a", "b", "c"] {
+            q.enqueue(msg(body), 0);
+        }
+        let sub = ReplicatingSubscription::start(
+            &b,
+            "t".into(),
+            q.clone(),
+            link,
+            ReplicaInfo::default(),
+            2,
+        );
+        sub.id_chunk(&[], true).unwrap();
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["init", "a"]);
+        assert_eq!(sub.lag().messages, 3);
+        assert_eq!(q.purge(), 3);
+        assert_eq!(sub.lag().messages, 1, "b and c vanished; a is in flight");
+        sub.acked(d[1].0, true).unwrap();
+        let d = deliveries(&out);
+        assert_eq!(names(&d), ["ready", "dequeue"]);
+        assert_eq!(IdRanges::from_wire(&d[1].3).unwrap().ranges(), [(1, 1)]);
     }
 }
