@@ -223,7 +223,7 @@ async fn queue_replication_shows_the_ha_object() {
 }
 
 #[test]
-fn a_cluster_member_is_joining_and_cannot_be_promoted_yet() {
+fn a_lone_cluster_member_is_joining_until_promoted() {
     let broker = TestBroker::builder().args(["--ha-cluster", "yes"]).start();
     assert_eq!(ha(&broker, &["status"]).ok(), "joining\n");
     ha(&broker, &["status", "--expect=joining"]).silent(0);
@@ -234,10 +234,11 @@ fn a_cluster_member_is_joining_and_cannot_be_promoted_yet() {
             .starts_with("Status:              joining\n")
     );
     ha(&broker, &["promote"]).failed_with(PROMOTE_WARNING);
-    ha(&broker, &["promote", "--cluster-manager"]).failed_with(
-        "NotImplemented: promote is not implemented yet: clusters come with issue 5; nothing was changed\n",
-    );
     assert_eq!(ha(&broker, &["status"]).ok(), "joining\n");
+    // With no other member to ask (no --ha-brokers-url), the cluster manager may promote it.
+    assert_eq!(ha(&broker, &["promote", "--cluster-manager"]).ok(), "");
+    assert_eq!(ha(&broker, &["status"]).ok(), "active\n");
+    ha(&broker, &["status", "--is-primary"]).silent(0);
 }
 
 #[test]

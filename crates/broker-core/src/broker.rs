@@ -23,6 +23,7 @@ use crate::mgmt::events::{BindingEvent, SubscriptionEvent};
 use crate::mgmt::{Event, Management};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
 use crate::queue_settings::QueueSettings;
+use crate::replication::cluster::{ConfigSubscription, HaStatus, StatusCell};
 use crate::replication::{HaModule, ReplicatingSubscription};
 
 /// The predeclared exchanges.
@@ -69,6 +70,12 @@ pub struct Broker {
     ha_module: std::sync::OnceLock<Arc<dyn HaModule>>,
     /// Replicating subscriptions served by this broker (as an original).
     subscriptions: Mutex<Vec<Weak<ReplicatingSubscription>>>,
+    /// The HA status (`standalone` unless `--ha-cluster`).
+    status: StatusCell,
+    /// Backups' configuration subscriptions (on a primary).
+    config_subscriptions: Mutex<Vec<Weak<ConfigSubscription>>>,
+    /// Where clients should go instead of this backup (the primary, as the backup found it).
+    primary_address: Mutex<Option<String>>,
 }
 
 /// What queue.declare answers.
@@ -122,6 +129,11 @@ impl Broker {
     /// A broker with the predeclared exchanges.
     pub fn new(config: BrokerConfig, users: UserDb) -> Arc<Broker> {
         let (alarm, _) = watch::channel(false);
+        let initial_status = if config.ha.cluster {
+            HaStatus::Joining
+        } else {
+            HaStatus::Standalone
+        };
         Arc::new_cyclic(|me| {
             let mut exchanges = HashMap::new();
             for (name, kind) in PREDECLARED {
@@ -152,6 +164,9 @@ impl Broker {
                 self_ref: me.clone(),
                 ha_module: std::sync::OnceLock::new(),
                 subscriptions: Mutex::new(Vec::new()),
+                status: StatusCell::new(initial_status),
+                config_subscriptions: Mutex::new(Vec::new()),
+                primary_address: Mutex::new(None),
             }
         })
     }
@@ -176,7 +191,52 @@ impl Broker {
     /// Reports a configuration change to the management agent (numbered, and published on
     /// `qmf.default.topic` if anyone listens). Call with no registry lock held.
     pub fn emit_event(&self, event: Event<'_>) {
+        let subs: Vec<Arc<ConfigSubscription>> = {
+            let mut all = self.config_subscriptions.lock();
+            if all.is_empty() {
+                Vec::new()
+            } else {
+                all.retain(|w| w.strong_count() > 0);
+                all.iter().filter_map(Weak::upgrade).collect()
+            }
+        };
+        for s in subs {
+            s.event(&event);
+        }
         crate::mgmt::events::emit(self, event);
+    }
+
+    /// The HA status.
+    pub fn ha_status(&self) -> HaStatus {
+        self.status.get()
+    }
+
+    /// Changes the HA status (logged as Qpid does).
+    pub fn set_ha_status(&self, s: HaStatus) {
+        self.status.set(s);
+    }
+
+    /// Registers a backup's configuration subscription.
+    pub fn add_config_subscription(&self, sub: &Arc<ConfigSubscription>) {
+        self.config_subscriptions.lock().push(Arc::downgrade(sub));
+    }
+
+    /// Records the primary a backup follows (named in the 530 that backups give clients).
+    pub fn set_primary_address(&self, address: Option<String>) {
+        *self.primary_address.lock() = address;
+    }
+
+    /// Where a client refused by this backup should go: `--ha-public-url`, else the primary
+    /// as found, else `--ha-brokers-url`.
+    pub fn redirect_text(&self) -> String {
+        let ha = &self.config.ha;
+        if !ha.public_url.is_empty() {
+            return ha.public_url.clone();
+        }
+        if let Some(p) = self.primary_address.lock().clone() {
+            return p;
+        }
+        ha.brokers_url.clone()
     }
 
     /// Milliseconds since the broker started: the clock of TTLs and expiries.

@@ -89,6 +89,8 @@ pub struct Channel {
     route_buf: Vec<Arc<Queue>>,
     /// The replicating subscription this channel carries (it then carries nothing else).
     replication: Option<Arc<ReplicatingSubscription>>,
+    /// A backup's configuration subscription (clusters), likewise alone on its channel.
+    config_sub: Option<Arc<replication::cluster::ConfigSubscription>>,
 }
 
 impl Channel {
@@ -104,6 +106,7 @@ impl Channel {
             last_queue: None,
             route_buf: Vec::new(),
             replication: None,
+            config_sub: None,
         }
     }
 
@@ -369,6 +372,10 @@ impl Channel {
         } else {
             SettleKind::Ack
         };
+        if self.config_sub.is_some() {
+            // Configuration events are not held for their acks.
+            return Ok(());
+        }
         if let Some(sub) = &self.replication {
             if kind == SettleKind::Nack {
                 return Err(AmqpError::precondition_failed(
@@ -770,10 +777,18 @@ impl Channel {
                 "replication requires a user with the 'ha' tag",
             ));
         }
-        if self.replication.is_some() || !self.link.lock().consumers.is_empty() {
+        if self.replication.is_some()
+            || self.config_sub.is_some()
+            || !self.link.lock().consumers.is_empty()
+        {
             return Err(AmqpError::precondition_failed(
                 "a replicating subscription needs a channel of its own",
             ));
+        }
+        if get(&c.arguments, replication::ARG_REPSUB).and_then(as_str)
+            == Some(replication::cluster::REPSUB_CONFIG)
+        {
+            return self.config_consume(ctx, c);
         }
         let name = c.queue.to_string();
         let q = b
@@ -848,6 +863,66 @@ impl Channel {
         let sub = ReplicatingSubscription::start(b, tag, q, self.link.clone(), replica, window);
         b.add_subscription(&sub);
         self.replication = Some(sub);
+        Ok(())
+    }
+
+    /// basic.consume of a backup's configuration subscription (clusters).
+    fn config_consume(
+        &mut self,
+        ctx: &ChannelContext<'_>,
+        c: basic::Consume,
+    ) -> Result<(), AmqpError> {
+        use crate::fields::{as_i64, as_str, get};
+        let b = ctx.broker;
+        if !b.config.ha.cluster {
+            return Err(AmqpError::precondition_failed(
+                "this broker is not a cluster member (ha-cluster=no)",
+            ));
+        }
+        let version = get(&c.arguments, replication::ARG_VERSION).and_then(as_i64);
+        if version != Some(replication::PROTOCOL_VERSION) {
+            return Err(AmqpError::precondition_failed(format!(
+                "replication protocol version {} is not supported: this broker speaks {}",
+                version.map_or("absent".to_string(), |v| v.to_string()),
+                replication::PROTOCOL_VERSION
+            )));
+        }
+        let system_id = match get(&c.arguments, replication::ARG_INFO) {
+            Some(amq_protocol::types::AMQPValue::FieldTable(t)) => get(t, "system-id")
+                .and_then(as_str)
+                .unwrap_or("")
+                .to_string(),
+            _ => String::new(),
+        };
+        if system_id == b.system_id().to_string() {
+            return Err(AmqpError::precondition_failed(
+                "the original's address is this broker's own: a broker cannot back itself up",
+            ));
+        }
+        let status = b.ha_status();
+        if !status.is_primary() {
+            return Err(AmqpError::precondition_failed(format!(
+                "not the primary: this broker's status is {}",
+                status.as_str()
+            )));
+        }
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            server_generated_name("qpid.ha-config-")
+        } else {
+            c.consumer_tag.to_string()
+        };
+        if !c.nowait {
+            self.reply(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(
+                basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                },
+            )));
+        }
+        let _config = b.config_guard();
+        let sub = replication::cluster::ConfigSubscription::start(b, tag, self.link.clone());
+        b.add_config_subscription(&sub);
+        tracing::info!(target: "HA", "backup {} (broker {system_id}) follows this primary's configuration", ctx.peer);
+        self.config_sub = Some(sub);
         Ok(())
     }
 

@@ -346,6 +346,15 @@ impl Connection {
             ))));
         }
         let admin = self.admin_requested && self.principal.as_ref().is_some_and(|p| p.admin);
+        let status = self.broker.ha_status();
+        if !admin && !status.is_primary() {
+            tracing::debug!(target: "HA", "connection {} from {}: refused, this broker is a backup ({})", self.id, self.peer, status.as_str());
+            return Err(hard(AmqpError::not_allowed(format!(
+                "this broker is an HA backup ({}), not the primary: connect to {}",
+                status.as_str(),
+                self.broker.redirect_text()
+            ))));
+        }
         if !admin {
             let max = self.broker.config.max_connections;
             let now = self

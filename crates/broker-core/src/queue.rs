@@ -391,6 +391,16 @@ impl Queue {
         }
     }
 
+    /// A cluster backup's replica becomes the new primary's queue: it stops replicating, and
+    /// keeps the incarnation its messages came from (so the other backups, which hold copies of
+    /// the same incarnation, re-subscribe without discarding anything).
+    pub fn take_over(&self, incarnation: Option<uuid::Uuid>) {
+        self.set_replica_of(None);
+        if let Some(i) = incarnation {
+            *self.incarnation.lock() = i;
+        }
+    }
+
     /// True while the queue replicates another.
     pub fn is_replica(&self) -> bool {
         self.replicating.load(Ordering::Acquire)

@@ -86,6 +86,16 @@ impl QueueSettings {
                 "x-queue-type: only 'classic' queues are implemented",
             ));
         }
+        if let Some(v) = fields::get(args, "qpid.replicate")
+            && fields::as_str(v)
+                .and_then(crate::replication::cluster::parse_level)
+                .is_none()
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "Invalid replication value: {}: expected none, configuration or all",
+                fields::as_str(v).unwrap_or("(not a string)")
+            )));
+        }
         both_forms(args, "x-max-length", "qpid.max_count")?;
         both_forms(args, "x-max-length-bytes", "qpid.max_size")?;
         both_forms(args, "x-overflow", "qpid.policy_type")?;

@@ -9,6 +9,7 @@
 //! management methods `replicate` and `detach`.
 
 pub mod address;
+pub mod cluster;
 pub mod link;
 pub mod replica;
 
@@ -26,9 +27,13 @@ use replica::{Replica, ReplicaSettings, State};
 /// The replica queues of one broker.
 #[derive(Debug)]
 pub struct HaReplication {
-    runtime: tokio::runtime::Handle,
+    pub(crate) runtime: tokio::runtime::Handle,
     replicas: Mutex<HashMap<String, Arc<Replica>>>,
     me: Weak<HaReplication>,
+    /// A cluster member's backup side, while it is a backup.
+    backup: Mutex<Option<Arc<cluster::Backup>>>,
+    /// `--ha-brokers-url`, parsed.
+    members: Mutex<Vec<address::Address>>,
 }
 
 impl HaReplication {
@@ -38,7 +43,76 @@ impl HaReplication {
             runtime,
             replicas: Mutex::new(HashMap::new()),
             me: me.clone(),
+            backup: Mutex::new(None),
+            members: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Starts the cluster member's backup side (with `--ha-cluster`): it looks for the primary
+    /// among the `--ha-brokers-url` members. An unusable URL is an error for the daemon.
+    pub fn start(self: &Arc<Self>, broker: &Arc<Broker>) -> Result<(), String> {
+        if !broker.config.ha.cluster {
+            return Ok(());
+        }
+        let url = broker.config.ha.brokers_url.trim();
+        if url.is_empty() {
+            tracing::warn!(target: "HA", "ha-cluster=yes without ha-brokers-url: this member cannot find a primary; it stays joining until promoted");
+            return Ok(());
+        }
+        let members = address::parse_list(url).map_err(|e| format!("ha-brokers-url: {e}"))?;
+        *self.members.lock() = members.clone();
+        *self.backup.lock() = Some(cluster::Backup::start(self, broker, members));
+        Ok(())
+    }
+
+    pub(crate) fn cluster_addresses(&self) -> Vec<address::Address> {
+        self.members.lock().clone()
+    }
+
+    pub(crate) fn stop_backup(&self) {
+        if let Some(b) = self.backup.lock().take() {
+            b.stop();
+        }
+    }
+
+    /// The replicas this broker runs as a cluster backup.
+    pub(crate) fn cluster_replicas(&self) -> Vec<Arc<Replica>> {
+        self.replicas
+            .lock()
+            .values()
+            .filter(|r| r.settings_cluster())
+            .cloned()
+            .collect()
+    }
+
+    /// Stops and forgets the replica of `queue`, if any (the queue stays protected until the
+    /// caller decides).
+    pub(crate) fn stop_replica(&self, queue: &str) {
+        if let Some(r) = self.replicas.lock().remove(queue) {
+            r.stop();
+        }
+    }
+
+    /// Starts a cluster backup's replica of `queue`, following the primary among the members.
+    pub(crate) fn start_cluster_replica(&self, broker: &Arc<Broker>, queue: &str) {
+        let Some(q) = broker.queue(queue) else {
+            return;
+        };
+        let members = self.cluster_addresses();
+        let mut settings = Self::settings(broker);
+        settings.cluster = true;
+        q.set_replica_of(Some(format!("'{queue}' on the cluster primary")));
+        let original = broker.config.ha.brokers_url.clone();
+        let replica = Replica::new(q, original, members, settings, None);
+        if let Some(old) = self
+            .replicas
+            .lock()
+            .insert(queue.to_string(), replica.clone())
+        {
+            old.stop();
+        }
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(replica.run(tx));
     }
 
     fn settings(broker: &Broker) -> ReplicaSettings {
@@ -51,6 +125,7 @@ impl HaReplication {
             retry: ha.link_maintenance_interval,
             window: ha.flow_messages,
             system_id: broker.system_id().to_string(),
+            cluster: false,
         }
     }
 
@@ -182,7 +257,18 @@ impl HaModule for HaReplication {
         rows
     }
 
+    fn promote(&self, broker: &Arc<Broker>, answer: Answer) {
+        match self.me.upgrade() {
+            Some(me) => cluster::promote(&me, broker, answer),
+            None => answer(Err(MgmtError::new(
+                ErrorCode::Internal,
+                "the HA module is shutting down",
+            ))),
+        }
+    }
+
     fn shutdown(&self) {
+        self.stop_backup();
         for r in self.replicas.lock().values() {
             r.stop();
         }

@@ -85,6 +85,9 @@ pub struct ReplicaSettings {
     pub window: u32,
     /// This broker's system id.
     pub system_id: String,
+    /// A cluster backup's replica: the addresses are the cluster's members, and a member that
+    /// refuses the connection (530: it is a backup) is passed over like an unreachable one.
+    pub cluster: bool,
 }
 
 /// How the first attempt ended, for `replicate`.
@@ -151,6 +154,11 @@ impl Replica {
     /// The original incarnation this replica's messages come from, once known.
     pub fn incarnation(&self) -> Option<String> {
         self.status.lock().incarnation.clone()
+    }
+
+    /// True for a cluster backup's replica.
+    pub fn settings_cluster(&self) -> bool {
+        self.settings.cluster
     }
 
     /// The state.
@@ -348,11 +356,11 @@ impl Replica {
             Err(e @ (LinkError::Io(_) | LinkError::Timeout("TCP connect"))) => {
                 return Ended::Unreachable(e.to_string());
             }
-            Err(e) => return failure(e),
+            Err(e) => return failure(e, self.settings.cluster),
         };
         let window = u16::try_from(s.window).unwrap_or(u16::MAX);
         if let Err(e) = link.qos(window).await {
-            return failure(e);
+            return failure(e, self.settings.cluster);
         }
         let tag = rep::consumer_tag(&self.queue.name, &s.system_id);
         let incarnation = self.incarnation().unwrap_or_default();
@@ -385,7 +393,7 @@ impl Replica {
                 {
                     Ended::Lost(format!("the original queue is another incarnation: {text}"))
                 }
-                other => failure(other),
+                other => failure(other, self.settings.cluster),
             };
         }
         {
@@ -406,7 +414,7 @@ impl Replica {
             );
         }
         if let Err(e) = link.flush().await {
-            return failure(e);
+            return failure(e, self.settings.cluster);
         }
         let mut apply = Apply {
             replica: self,
@@ -427,13 +435,13 @@ impl Replica {
                 return ended;
             }
             if let Err(e) = r {
-                return failure(e);
+                return failure(e, self.settings.cluster);
             }
             if apply.last_tag != 0 {
                 link.ack(apply.last_tag, true);
                 apply.last_tag = 0;
                 if let Err(e) = link.flush().await {
-                    return failure(e);
+                    return failure(e, self.settings.cluster);
                 }
             }
         }
@@ -454,8 +462,14 @@ fn ids_properties(last: bool) -> Vec<u8> {
         .unwrap_or_else(|_| vec![0, 0])
 }
 
-fn failure(e: LinkError) -> Ended {
+fn failure(e: LinkError, cluster: bool) -> Ended {
     match e {
+        LinkError::ConnectionClosed { code: 530, text } if cluster => Ended::Unreachable(text),
+        LinkError::ChannelClosed { code: 406, text }
+            if cluster && text.contains("is itself a replica") =>
+        {
+            Ended::Unreachable(text)
+        }
         LinkError::ConnectionClosed { code, text } if code == 403 || code == 530 => {
             Ended::Refused(code, text)
         }

@@ -198,9 +198,9 @@ async fn serve(
     let broker = Broker::new(config, users);
     broker.mgmt.set_log_control(Arc::new(log.clone()));
     if broker.config.ha.enabled() {
-        broker.set_ha_module(ha_replication::HaReplication::new(
-            tokio::runtime::Handle::current(),
-        ));
+        let ha = ha_replication::HaReplication::new(tokio::runtime::Handle::current());
+        broker.set_ha_module(ha.clone());
+        ha.start(&broker).map_err(anyhow::Error::msg)?;
     }
     server::run(broker, listeners, shutdown)
         .await

@@ -36,11 +36,7 @@ pub fn enabled(broker: &Broker) -> bool {
 
 /// The broker's HA status (reference section 4.3).
 pub fn status(broker: &Broker) -> &'static str {
-    if broker.config.ha.cluster {
-        "joining"
-    } else {
-        "standalone"
-    }
+    broker.ha_status().as_str()
 }
 
 /// The HA object's properties.
@@ -70,10 +66,19 @@ pub fn call(
     match method {
         "promote" => {
             if broker.config.ha.cluster {
-                Err(MgmtError::new(
-                    ErrorCode::NotImplemented,
-                    "promote is not implemented yet: clusters come with issue 5; nothing was changed",
-                ))
+                let (b, reply) = (broker.clone(), reply.clone());
+                module(broker)?.promote(
+                    broker,
+                    Box::new(move |result| match result {
+                        Ok(_) => {
+                            let mut body = b.mgmt.envelope(sequence);
+                            body["_arguments"] = json!({});
+                            reply.send(&b, "_method_response", &body, false);
+                        }
+                        Err(e) => reply.exception(&b, sequence, &e),
+                    }),
+                );
+                Ok(None)
             } else {
                 Err(MgmtError::new(
                     ErrorCode::PreconditionFailed,

@@ -3,6 +3,7 @@
 //! hook through which the HA module (crate `ha-replication`, the replica side) is reached from
 //! the management agent.
 
+pub mod cluster;
 pub mod ranges;
 pub mod subscription;
 
@@ -77,6 +78,9 @@ pub trait HaModule: Send + Sync + std::fmt::Debug {
     );
     /// Stops replicating `queue`; it keeps its messages and becomes an ordinary queue.
     fn detach(&self, broker: &Arc<Broker>, queue: &str) -> Result<(), MgmtError>;
+    /// Promotes this cluster member to primary (`qpid-ha promote --cluster-manager`); `answer`
+    /// is told the outcome (the status checks of other members take a moment).
+    fn promote(&self, broker: &Arc<Broker>, answer: Answer);
     /// One JSON object per replica queue, for `qpid-ha query`.
     fn replica_rows(&self) -> Vec<serde_json::Value>;
     /// Stops every link (broker shutdown).

@@ -1,0 +1,253 @@
+//! Active-passive clusters (issue 5, first slice): statuses and promotion, backups refusing
+//! clients with 530 naming the primary, queues at level `all` copied to every backup, and a
+//! failover that keeps every confirmed message.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{
+    TestBroker, channel, declare, eventually, get, message_count, qpid_ha_path, table,
+};
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+const FOLLOW: Duration = Duration::from_secs(15);
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// `n` cluster members on fixed free ports, each knowing all of them.
+fn cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let url = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let brokers = ports.iter().map(|p| member(*p, &url, extra)).collect();
+    (brokers, url)
+}
+
+fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
+    TestBroker::builder()
+        .port(port)
+        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
+        .args([
+            "--link-maintenance-interval",
+            "0.1s",
+            "--link-heartbeat-interval",
+            "1s",
+        ])
+        .args(extra.iter().copied())
+        .start()
+}
+
+fn addr(b: &TestBroker) -> String {
+    format!("127.0.0.1:{}", b.port())
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn qpid_ha(args: &[&str]) -> Run {
+    let out = Command::new(qpid_ha_path())
+        .args(args)
+        .output()
+        .expect("run qpid-ha");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn status(b: &TestBroker) -> String {
+    qpid_ha(&["status", "-b", &addr(b)])
+        .stdout
+        .trim()
+        .to_string()
+}
+
+async fn wait_status(b: &TestBroker, expected: &str) {
+    let ok = eventually(FOLLOW, || async { status(b) == expected }).await;
+    assert!(ok, "{} never became {expected}: {}", addr(b), status(b));
+}
+
+#[track_caller]
+fn promote(b: &TestBroker) {
+    let r = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(b)]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+}
+
+async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
+    let ok = eventually(FOLLOW, || async {
+        message_count(conn, queue).await.ok() == Some(n)
+    })
+    .await;
+    assert!(
+        ok,
+        "'{queue}' holds {:?}, expected {n}",
+        message_count(conn, queue).await.ok()
+    );
+}
+
+/// An admin connection (let in by backups).
+async fn admin(b: &TestBroker) -> lapin::Connection {
+    let props = lapin::ConnectionProperties::default()
+        .with_client_property("qpid.ha-admin".into(), "1".into());
+    b.connect_with(props).await
+}
+
+async fn publish_confirmed(ch: &lapin::Channel, queue: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_join_one_is_promoted_and_the_others_become_ready_backups() {
+    let (brokers, _) = cluster(3, &[]);
+    for b in &brokers {
+        assert_eq!(status(b), "joining");
+    }
+    promote(&brokers[0]);
+    assert_eq!(status(&brokers[0]), "active");
+    wait_status(&brokers[1], "ready").await;
+    wait_status(&brokers[2], "ready").await;
+    // Promoting the primary again is ignored.
+    promote(&brokers[0]);
+    let r = qpid_ha(&["status", "--is-primary", "-b", &addr(&brokers[0])]);
+    assert_eq!(r.code, 0);
+    let r = qpid_ha(&["status", "--is-primary", "-b", &addr(&brokers[1])]);
+    assert_eq!(r.code, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_refuses_clients_with_530_naming_the_primary() {
+    let (brokers, _) = cluster(2, &[]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let e = brokers[1]
+        .try_connect_url(&brokers[1].amqp_url(), Default::default())
+        .await
+        .expect_err("a backup refuses clients");
+    let text = e.to_string();
+    assert!(
+        text.contains("530") || text.contains("NOT_ALLOWED"),
+        "{text}"
+    );
+    assert!(text.contains(&addr(&brokers[0])), "{text}");
+    // Administrators are let in (qpid-ha status just worked).
+    let _ = admin(&brokers[1]).await;
+    // The primary serves clients.
+    let _ = brokers[0].connect().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_member_cannot_be_promoted_when_a_primary_exists_and_catchup_ones_neither() {
+    let (brokers, url) = cluster(2, &[]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    // A member whose only way to the primary is closed stays joining; its status check
+    // still finds the active primary.
+    let lonely = TestBroker::builder()
+        .args(["--ha-cluster", "yes", "--ha-brokers-url", &url])
+        .args(["--link-maintenance-interval", "0.1s"])
+        .start();
+    let r = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(&lonely)]);
+    if status(&lonely) == "joining" {
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains("Joining active cluster"), "{r:?}");
+    } else {
+        // It found the primary first: then it is a backup, and promoting a ready backup while
+        // the primary lives is the cluster manager's business (allowed, as in Qpid).
+        assert!(matches!(
+            status(&lonely).as_str(),
+            "catchup" | "ready" | "active"
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_queues_reach_every_backup_and_survive_a_failover() {
+    let (mut brokers, _) = cluster(3, &[]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    wait_status(&brokers[2], "ready").await;
+    let pc = brokers[0].connect().await;
+    let args = table(&[("qpid.replicate", AMQPValue::LongString("all".into()))]);
+    declare(&channel(&pc).await, "orders", args).await;
+    declare(&channel(&pc).await, "local", FieldTable::default()).await;
+    let ch = channel(&pc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "orders", 0..100).await;
+    for _ in 0..10 {
+        get(&ch, "orders", false)
+            .await
+            .expect("a message")
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    let b1 = admin(&brokers[1]).await;
+    let b2 = admin(&brokers[2]).await;
+    wait_count(&b1, "orders", 90).await;
+    wait_count(&b2, "orders", 90).await;
+    // Level none (the default): not replicated.
+    assert!(!integration_tests::queue_exists(&b1, "local").await);
+    // Failover: the primary dies, the cluster manager promotes a ready backup.
+    drop(pc);
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    promote(&brokers[1]);
+    assert_eq!(status(&brokers[1]), "active");
+    let nc = brokers[1].connect().await;
+    wait_count(&nc, "orders", 90).await;
+    // The other backup follows the new primary, without gaps or duplicates.
+    let ch = channel(&nc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "orders", 100..105).await;
+    wait_status(&brokers[2], "ready").await;
+    let b2 = admin(&brokers[2]).await;
+    wait_count(&b2, "orders", 95).await;
+    let mut bodies = Vec::new();
+    while let Some(m) = get(&ch, "orders", false).await {
+        bodies.push(String::from_utf8(m.data.clone()).unwrap());
+        m.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let expected: Vec<String> = (10..105).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected);
+    wait_count(&b2, "orders", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_replication_value_is_refused() {
+    let b = TestBroker::start();
+    let c = b.connect().await;
+    let r = integration_tests::try_declare(
+        &channel(&c).await,
+        "bad",
+        Default::default(),
+        table(&[("qpid.replicate", AMQPValue::LongString("sometimes".into()))]),
+    )
+    .await;
+    let text = integration_tests::expect_code(r.map(|_| ()), 406);
+    assert!(text.contains("Invalid replication value"), "{text}");
+}
