@@ -229,7 +229,11 @@ async fn replicated_queues_reach_every_backup_and_survive_a_failover() {
     wait_count(&b2, "orders", 95).await;
     let mut bodies = Vec::new();
     while let Some(m) = get(&ch, "orders", false).await {
-        bodies.push(String::from_utf8(m.data.clone()).unwrap());
+        let body = String::from_utf8(m.data.clone()).unwrap();
+        // Inherited from the old primary: flagged redelivered; published on the new one: not.
+        let inherited = body[1..].parse::<u32>().unwrap() < 100;
+        assert_eq!(m.redelivered, inherited, "{body}");
+        bodies.push(body);
         m.ack(BasicAckOptions::default()).await.unwrap();
     }
     let expected: Vec<String> = (10..105).map(|i| format!("m{i}")).collect();
@@ -250,4 +254,42 @@ async fn an_invalid_replication_value_is_refused() {
     .await;
     let text = integration_tests::expect_code(r.map(|_| ()), 406);
     assert!(text.contains("Invalid replication value"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn administrators_cannot_change_a_backups_objects() {
+    let (brokers, _) = cluster(2, &[]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let a = admin(&brokers[1]).await;
+    let text = integration_tests::expect_code(
+        integration_tests::try_declare(
+            &channel(&a).await,
+            "new",
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ()),
+        405,
+    );
+    assert!(text.contains(&addr(&brokers[0])), "{text}");
+    // Its own exclusive queue (a tool's reply queue) is fine.
+    let exclusive = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    integration_tests::try_declare(&channel(&a).await, "mine", exclusive, FieldTable::default())
+        .await
+        .expect("an exclusive queue on a backup");
+    // qpid-config through the management protocol too.
+    let r = Command::new(integration_tests::qpid_config_path())
+        .args(["-b", &addr(&brokers[1]), "add", "queue", "viamgmt"])
+        .output()
+        .expect("run qpid-config");
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("HA backup"),
+        "{r:?}"
+    );
 }

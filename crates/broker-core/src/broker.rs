@@ -216,6 +216,21 @@ impl Broker {
         self.status.set(s);
     }
 
+    /// On a cluster backup, configuration changes by clients (administrators are the only
+    /// ones let in) are refused with 405 naming the primary: the backup's objects follow the
+    /// primary's.
+    pub fn backup_refusal(&self) -> Result<(), AmqpError> {
+        let status = self.ha_status();
+        if status.is_primary() {
+            return Ok(());
+        }
+        Err(AmqpError::resource_locked(format!(
+            "this broker is an HA backup ({}): make changes on the primary ({})",
+            status.as_str(),
+            self.redirect_text()
+        )))
+    }
+
     /// Registers a backup's configuration subscription.
     pub fn add_config_subscription(&self, sub: &Arc<ConfigSubscription>) {
         self.config_subscriptions.lock().push(Arc::downgrade(sub));

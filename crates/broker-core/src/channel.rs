@@ -488,6 +488,10 @@ impl Channel {
         ctx: &ChannelContext<'_>,
         m: exchange::AMQPMethod,
     ) -> Result<(), AmqpError> {
+        match &m {
+            exchange::AMQPMethod::Declare(d) if d.passive => {}
+            _ => ctx.broker.backup_refusal()?,
+        }
         match m {
             exchange::AMQPMethod::Declare(d) => {
                 ctx.broker.declare_exchange(&ExchangeDeclare {
@@ -539,6 +543,27 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         let b = ctx.broker;
         let conn = ctx.connection_id;
+        // On a cluster backup only this connection's own exclusive queues (a management
+        // client's reply queue) may change: the rest follows the primary.
+        if !b.ha_status().is_primary() {
+            let own = |name: &ShortString| {
+                self.queue_name(name)
+                    .ok()
+                    .and_then(|n| b.queue(&n))
+                    .is_some_and(|q| q.exclusive_owner == Some(conn))
+            };
+            let allowed = match &m {
+                queue::AMQPMethod::Declare(d) => d.passive || d.exclusive,
+                queue::AMQPMethod::Bind(x) => own(&x.queue),
+                queue::AMQPMethod::Unbind(x) => own(&x.queue),
+                queue::AMQPMethod::Purge(x) => own(&x.queue),
+                queue::AMQPMethod::Delete(x) => own(&x.queue),
+                _ => true,
+            };
+            if !allowed {
+                b.backup_refusal()?;
+            }
+        }
         match m {
             queue::AMQPMethod::Declare(d) => {
                 let declared = b.declare_queue(

@@ -394,10 +394,16 @@ impl Queue {
     /// A cluster backup's replica becomes the new primary's queue: it stops replicating, and
     /// keeps the incarnation its messages came from (so the other backups, which hold copies of
     /// the same incarnation, re-subscribe without discarding anything).
+    /// Every inherited message is flagged redelivered: any of them may have been delivered by
+    /// the old primary.
     pub fn take_over(&self, incarnation: Option<uuid::Uuid>) {
         self.set_replica_of(None);
         if let Some(i) = incarnation {
             *self.incarnation.lock() = i;
+        }
+        let mut st = self.state.lock();
+        for e in st.ready.levels.iter_mut().flatten() {
+            e.redelivered = true;
         }
     }
 

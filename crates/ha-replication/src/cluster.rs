@@ -243,10 +243,13 @@ fn apply(
             let theirs = v.get("replicate").and_then(Value::as_str).unwrap_or("");
             let ours = broker.config.ha.replicate.as_str();
             if theirs != ours {
-                // Qpid shuts the backup down; we refuse to follow and say why, loudly.
-                return Err(format!(
+                // As Qpid: the cluster is misconfigured, and this member must not serve.
+                let why = format!(
                     "Replicate default on backup ({ours}) does not match primary ({theirs})"
-                ));
+                );
+                tracing::error!(target: "HA", critical = true, "Shutting down: {why}");
+                broker.mgmt.request_shutdown();
+                return Err(why);
             }
             Ok(())
         }

@@ -100,6 +100,9 @@ fn broker_method(
     method: &str,
     args: Fields<'_>,
 ) -> Result<(Value, After), MgmtError> {
+    if matches!(method, "create" | "delete" | "purge") {
+        broker.backup_refusal()?;
+    }
     let out = match method {
         "create" => create(broker, requester, args)?,
         "delete" => delete(broker, requester, args)?,
