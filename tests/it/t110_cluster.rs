@@ -293,3 +293,93 @@ async fn administrators_cannot_change_a_backups_objects() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exchanges_and_bindings_are_replicated_and_route_after_a_failover() {
+    let (mut brokers, _) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let pc = brokers[0].connect().await;
+    let ch = channel(&pc).await;
+    ch.exchange_declare(
+        "events".into(),
+        lapin::ExchangeKind::Topic,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    declare(&ch, "audit", FieldTable::default()).await;
+    declare(&ch, "plain", FieldTable::default()).await;
+    ch.queue_bind(
+        "audit".into(),
+        "events".into(),
+        "order.#".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "plain".into(),
+        "amq.direct".into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // A binding added and removed again is not left behind.
+    ch.queue_bind(
+        "audit".into(),
+        "events".into(),
+        "gone.*".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_unbind(
+        "audit".into(),
+        "events".into(),
+        "gone.*".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let b = admin(&brokers[1]).await;
+    let ok = eventually(FOLLOW, || async {
+        integration_tests::queue_exists(&b, "plain").await
+    })
+    .await;
+    assert!(ok);
+    // Let the bind events arrive before the failover (they follow the declares in order).
+    publish_to(&ch, "events", "order.new", b"before").await;
+    wait_count(&b, "audit", 1).await;
+    drop(pc);
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    promote(&brokers[1]);
+    let nc = brokers[1].connect().await;
+    let ch = channel(&nc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_to(&ch, "events", "order.paid", b"after").await;
+    publish_to(&ch, "events", "gone.x", b"nowhere").await;
+    publish_to(&ch, "amq.direct", "k", b"direct").await;
+    wait_count(&nc, "audit", 2).await;
+    wait_count(&nc, "plain", 1).await;
+}
+
+async fn publish_to(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+}

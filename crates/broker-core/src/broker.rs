@@ -41,6 +41,15 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
 /// How many alternate exchanges one unroutable message may pass through.
 pub const ALTERNATE_EXCHANGE_HOPS_MAX: usize = 8;
 
+/// The connection id under which a cluster backup applies the primary's configuration: it
+/// owns nothing, and may bind replica queues (which clients may not).
+pub const REPLICATION_CONNECTION: u64 = 0;
+
+/// True for the exchanges every broker has (never replicated: each broker has its own).
+pub fn is_predeclared_exchange(name: &str) -> bool {
+    name.starts_with("amq.") || PREDECLARED.iter().any(|(n, _)| *n == name)
+}
+
 /// A running broker's shared state.
 #[derive(Debug)]
 pub struct Broker {
@@ -556,7 +565,9 @@ impl Broker {
         }
         let _config = self.config_guard();
         let q = self.queue_for(connection_id, queue)?;
-        q.replica_refusal("bind")?;
+        if connection_id != REPLICATION_CONNECTION {
+            q.replica_refusal("bind")?;
+        }
         let e = self
             .exchange(exchange)
             .ok_or_else(|| no_exchange(exchange))?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
-use broker_core::broker::{Broker, QueueDeclare};
+use broker_core::broker::{Broker, ExchangeDeclare, QueueDeclare, REPLICATION_CONNECTION};
 use broker_core::config::ReplicateLevel;
 use broker_core::mgmt::{ErrorCode, MgmtError};
 use broker_core::replication::cluster::{self as cl, HaStatus, config_event};
@@ -274,6 +274,82 @@ fn apply(
             Ok(())
         }
         config_event::QUEUE_DECLARE => declare_local(module, broker, &v),
+        config_event::EXCHANGES => {
+            let list = v.as_array().cloned().unwrap_or_default();
+            let names: Vec<&str> = list
+                .iter()
+                .filter_map(|e| e.get("name").and_then(Value::as_str))
+                .collect();
+            let stale: Vec<String> = module
+                .cluster_exchanges
+                .lock()
+                .iter()
+                .filter(|n| !names.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            for name in stale {
+                delete_exchange_local(module, broker, &name);
+            }
+            for e in &list {
+                declare_exchange_local(module, broker, e)?;
+            }
+            Ok(())
+        }
+        config_event::EXCHANGE_DECLARE => declare_exchange_local(module, broker, &v),
+        config_event::EXCHANGE_DELETE => {
+            if let Some(name) = v.get("name").and_then(Value::as_str) {
+                delete_exchange_local(module, broker, name);
+            }
+            Ok(())
+        }
+        config_event::BINDINGS => {
+            let list = v.as_array().cloned().unwrap_or_default();
+            let wanted: Vec<Binding> = list.iter().filter_map(binding_of).collect();
+            // Bindings of replicated queues that the primary no longer has go.
+            let replicated: Vec<String> = module.cluster_queue_names(broker);
+            for e in broker.exchanges() {
+                for b in e.bindings() {
+                    if !replicated.contains(&b.queue.name) {
+                        continue;
+                    }
+                    let here = Binding {
+                        exchange: e.name.clone(),
+                        queue: b.queue.name.clone(),
+                        key: b.key.clone(),
+                        arguments: b.arguments.clone(),
+                    };
+                    if !wanted.contains(&here) {
+                        let _ = broker.unbind(
+                            REPLICATION_CONNECTION,
+                            &here.queue,
+                            &here.exchange,
+                            &here.key,
+                            &here.arguments,
+                        );
+                    }
+                }
+            }
+            for b in &wanted {
+                bind_local(broker, b)?;
+            }
+            Ok(())
+        }
+        config_event::BIND => match binding_of(&v) {
+            Some(b) => bind_local(broker, &b),
+            None => Err("malformed bind event".into()),
+        },
+        config_event::UNBIND => {
+            if let Some(b) = binding_of(&v) {
+                let _ = broker.unbind(
+                    REPLICATION_CONNECTION,
+                    &b.queue,
+                    &b.exchange,
+                    &b.key,
+                    &b.arguments,
+                );
+            }
+            Ok(())
+        }
         config_event::QUEUE_DELETE => {
             if let Some(name) = v.get("name").and_then(Value::as_str) {
                 delete_local(module, broker, name);
@@ -331,12 +407,102 @@ fn declare_local(
         arguments,
     };
     broker
-        .declare_queue(0, &d)
+        .declare_queue(REPLICATION_CONNECTION, &d)
         .map_err(|e| format!("cannot create the replica of queue '{name}': {}", e.text))?;
     if level == ReplicateLevel::All {
         module.start_cluster_replica(broker, name);
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Binding {
+    exchange: String,
+    queue: String,
+    key: String,
+    arguments: FieldTable,
+}
+
+fn table_of(v: Option<&Value>) -> FieldTable {
+    match v {
+        Some(Value::Object(m)) => broker_core::mgmt::json::to_table(m).unwrap_or_default(),
+        _ => FieldTable::default(),
+    }
+}
+
+fn binding_of(v: &Value) -> Option<Binding> {
+    Some(Binding {
+        exchange: v.get("exchange")?.as_str()?.to_string(),
+        queue: v.get("queue")?.as_str()?.to_string(),
+        key: v.get("key")?.as_str()?.to_string(),
+        arguments: table_of(v.get("arguments")),
+    })
+}
+
+fn bind_local(broker: &Broker, b: &Binding) -> Result<(), String> {
+    if broker.exchange(&b.exchange).is_none() || broker.queue(&b.queue).is_none() {
+        // Applied only when both ends are here (reference 4.5).
+        return Ok(());
+    }
+    broker
+        .bind(
+            REPLICATION_CONNECTION,
+            &b.queue,
+            &b.exchange,
+            &b.key,
+            &b.arguments,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "cannot replicate the binding of '{}' to '{}': {}",
+                b.queue, b.exchange, e.text
+            )
+        })
+}
+
+fn declare_exchange_local(
+    module: &HaReplication,
+    broker: &Arc<Broker>,
+    e: &Value,
+) -> Result<(), String> {
+    let name = e
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("exchange without a name")?;
+    let kind = e.get("type").and_then(Value::as_str).unwrap_or("direct");
+    if let Some(existing) = broker.exchange(name) {
+        if existing.kind.name() == kind {
+            module.cluster_exchanges.lock().insert(name.to_string());
+            return Ok(());
+        }
+        delete_exchange_local(module, broker, name);
+    }
+    let d = ExchangeDeclare {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        passive: false,
+        durable: e.get("durable").and_then(Value::as_bool).unwrap_or(false),
+        auto_delete: e
+            .get("auto_delete")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        internal: e.get("internal").and_then(Value::as_bool).unwrap_or(false),
+        arguments: table_of(e.get("arguments")),
+    };
+    broker.declare_exchange(&d).map_err(|err| {
+        format!(
+            "cannot create the replica of exchange '{name}': {}",
+            err.text
+        )
+    })?;
+    module.cluster_exchanges.lock().insert(name.to_string());
+    Ok(())
+}
+
+fn delete_exchange_local(module: &HaReplication, broker: &Broker, name: &str) {
+    module.cluster_exchanges.lock().remove(name);
+    let _ = broker.delete_exchange(name, false);
 }
 
 fn delete_local(module: &HaReplication, broker: &Arc<Broker>, name: &str) {

@@ -34,6 +34,8 @@ pub struct HaReplication {
     backup: Mutex<Option<Arc<cluster::Backup>>>,
     /// `--ha-brokers-url`, parsed.
     members: Mutex<Vec<address::Address>>,
+    /// Exchanges a cluster backup created from the primary's configuration.
+    pub(crate) cluster_exchanges: Mutex<std::collections::HashSet<String>>,
 }
 
 impl HaReplication {
@@ -45,6 +47,7 @@ impl HaReplication {
             me: me.clone(),
             backup: Mutex::new(None),
             members: Mutex::new(Vec::new()),
+            cluster_exchanges: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -83,6 +86,30 @@ impl HaReplication {
             .filter(|r| r.settings_cluster())
             .cloned()
             .collect()
+    }
+
+    /// The queues this backup holds from the primary's configuration (replicas at level `all`,
+    /// and queues at level `configuration`).
+    pub(crate) fn cluster_queue_names(&self, broker: &Broker) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .cluster_replicas()
+            .iter()
+            .map(|r| r.queue.name.clone())
+            .collect();
+        names.extend(
+            broker
+                .queues()
+                .iter()
+                .filter(|q| {
+                    q.exclusive_owner.is_none()
+                        && broker_core::replication::cluster::queue_level(broker, q)
+                            != broker_core::config::ReplicateLevel::None
+                })
+                .map(|q| q.name.clone()),
+        );
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Stops and forgets the replica of `queue`, if any (the queue stays protected until the

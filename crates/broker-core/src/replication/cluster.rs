@@ -5,12 +5,14 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
+use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use crate::broker::Broker;
 use crate::config::ReplicateLevel;
 use crate::delivery::ChannelLink;
+use crate::exchange::Exchange;
 use crate::fields;
 use crate::mgmt::Event;
 use crate::protocol::hot;
@@ -33,6 +35,18 @@ pub mod config_event {
     pub const QUEUE_DECLARE: &str = "queue-declare";
     /// A replicated queue was deleted (`{"name": ...}`).
     pub const QUEUE_DELETE: &str = "queue-delete";
+    /// The replicated exchanges (a JSON array), sent once before `queues`.
+    pub const EXCHANGES: &str = "exchanges";
+    /// The replicated bindings (a JSON array), sent once after `queues`.
+    pub const BINDINGS: &str = "bindings";
+    /// A replicated exchange was declared.
+    pub const EXCHANGE_DECLARE: &str = "exchange-declare";
+    /// A replicated exchange was deleted (`{"name": ...}`).
+    pub const EXCHANGE_DELETE: &str = "exchange-delete";
+    /// A replicated binding was added.
+    pub const BIND: &str = "bind";
+    /// A replicated binding was removed.
+    pub const UNBIND: &str = "unbind";
 }
 
 /// A broker's HA status (reference section 4.3), in Qpid's order.
@@ -136,6 +150,58 @@ pub fn parse_level(v: &str) -> Option<ReplicateLevel> {
     }
 }
 
+/// The replication level of an exchange: `qpid.replicate`, else `--ha-replicate`; the
+/// predeclared exchanges, and `qpid.*`/`qmf.*` ones, are never replicated.
+pub fn exchange_level(broker: &Broker, e: &Exchange) -> ReplicateLevel {
+    if crate::broker::is_predeclared_exchange(&e.name)
+        || e.name.starts_with("qpid.")
+        || e.name.starts_with("qmf.")
+    {
+        return ReplicateLevel::None;
+    }
+    if let Some(v) = fields::get(&e.arguments, ARG_REPLICATE).and_then(fields::as_str) {
+        return parse_level(v).unwrap_or(ReplicateLevel::None);
+    }
+    broker.config.ha.replicate
+}
+
+/// True if a binding is replicated: its queue is, its exchange is (or is one every broker has),
+/// and its own arguments do not say `qpid.replicate=none`.
+pub fn binding_replicated(
+    broker: &Broker,
+    e: &Exchange,
+    queue: &Queue,
+    arguments: &FieldTable,
+) -> bool {
+    if fields::get(arguments, ARG_REPLICATE).and_then(fields::as_str) == Some("none") {
+        return false;
+    }
+    queue_level(broker, queue) != ReplicateLevel::None
+        && (crate::broker::is_predeclared_exchange(&e.name)
+            || exchange_level(broker, e) != ReplicateLevel::None)
+}
+
+/// How an exchange is described to backups.
+pub fn describe_exchange(e: &Exchange) -> Value {
+    json!({
+        "name": e.name,
+        "type": e.kind.name(),
+        "durable": e.durable,
+        "auto_delete": e.auto_delete,
+        "internal": e.internal,
+        "arguments": crate::mgmt::json::from_table(&e.arguments),
+    })
+}
+
+fn describe_binding(exchange: &str, queue: &str, key: &str, arguments: &FieldTable) -> Value {
+    json!({
+        "exchange": exchange,
+        "queue": queue,
+        "key": key,
+        "arguments": crate::mgmt::json::from_table(arguments),
+    })
+}
+
 /// How a queue is described to backups.
 pub fn describe_queue(broker: &Broker, q: &Queue) -> Value {
     json!({
@@ -177,6 +243,13 @@ impl ConfigSubscription {
             "status": broker.ha_status().as_str(),
         });
         sub.write(config_event::INIT, &init);
+        let exchanges: Vec<Value> = broker
+            .exchanges()
+            .iter()
+            .filter(|e| exchange_level(broker, e) != ReplicateLevel::None)
+            .map(|e| describe_exchange(e))
+            .collect();
+        sub.write(config_event::EXCHANGES, &Value::Array(exchanges));
         let queues: Vec<Value> = broker
             .queues()
             .iter()
@@ -184,6 +257,20 @@ impl ConfigSubscription {
             .map(|q| describe_queue(broker, q))
             .collect();
         sub.write(config_event::QUEUES, &Value::Array(queues));
+        let mut bindings = Vec::new();
+        for e in broker.exchanges() {
+            for b in e.bindings() {
+                if binding_replicated(broker, &e, &b.queue, &b.arguments) {
+                    bindings.push(describe_binding(
+                        &e.name,
+                        &b.queue.name,
+                        &b.key,
+                        &b.arguments,
+                    ));
+                }
+            }
+        }
+        sub.write(config_event::BINDINGS, &Value::Array(bindings));
         sub
     }
 
@@ -198,6 +285,29 @@ impl ConfigSubscription {
             }
             Event::QueueDelete(name) => {
                 self.write(config_event::QUEUE_DELETE, &json!({ "name": name }));
+            }
+            Event::ExchangeDeclare(e) if exchange_level(&broker, e) != ReplicateLevel::None => {
+                self.write(config_event::EXCHANGE_DECLARE, &describe_exchange(e));
+            }
+            Event::ExchangeDelete(name) => {
+                self.write(config_event::EXCHANGE_DELETE, &json!({ "name": name }));
+            }
+            Event::Bind(b) | Event::Unbind(b) => {
+                let (Some(e), Some(q)) = (broker.exchange(b.exchange), broker.queue(b.queue))
+                else {
+                    return;
+                };
+                if binding_replicated(&broker, &e, &q, b.arguments) {
+                    let name = if matches!(event, Event::Bind(_)) {
+                        config_event::BIND
+                    } else {
+                        config_event::UNBIND
+                    };
+                    self.write(
+                        name,
+                        &describe_binding(b.exchange, b.queue, b.key, b.arguments),
+                    );
+                }
             }
             _ => {}
         }
