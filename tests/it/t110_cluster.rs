@@ -161,28 +161,30 @@ async fn a_backup_refuses_clients_with_530_naming_the_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_joining_member_cannot_be_promoted_when_a_primary_exists_and_catchup_ones_neither() {
-    let (brokers, url) = cluster(2, &[]);
+async fn a_joining_member_cannot_be_promoted_when_another_member_is_established() {
+    let (brokers, _) = cluster(2, &[]);
     promote(&brokers[0]);
     wait_status(&brokers[1], "ready").await;
-    // A member whose only way to the primary is closed stays joining; its status check
-    // still finds the active primary.
+    // A member that only knows the backup: the backup refuses its link (it is no primary), so
+    // it stays joining; but its status check finds an established member there.
     let lonely = TestBroker::builder()
-        .args(["--ha-cluster", "yes", "--ha-brokers-url", &url])
+        .args([
+            "--ha-cluster",
+            "yes",
+            "--ha-brokers-url",
+            &addr(&brokers[1]),
+        ])
         .args(["--link-maintenance-interval", "0.1s"])
         .start();
+    assert_eq!(status(&lonely), "joining");
     let r = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(&lonely)]);
-    if status(&lonely) == "joining" {
-        assert_eq!(r.code, 1, "{r:?}");
-        assert!(r.stderr.contains("Joining active cluster"), "{r:?}");
-    } else {
-        // It found the primary first: then it is a backup, and promoting a ready backup while
-        // the primary lives is the cluster manager's business (allowed, as in Qpid).
-        assert!(matches!(
-            status(&lonely).as_str(),
-            "catchup" | "ready" | "active"
-        ));
-    }
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("Joining active cluster, cannot be promoted."),
+        "{r:?}"
+    );
+    assert_eq!(status(&lonely), "joining");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -214,10 +216,18 @@ async fn replicated_queues_reach_every_backup_and_survive_a_failover() {
     assert!(!integration_tests::queue_exists(&b1, "local").await);
     // Failover: the primary dies, the cluster manager promotes a ready backup.
     drop(pc);
+    // Only a ready backup may be promoted: new queues made it catch up for a moment.
+    wait_status(&brokers[1], "ready").await;
     brokers[0].signal("KILL");
     brokers[0].wait_exit(Duration::from_secs(5));
     promote(&brokers[1]);
-    assert_eq!(status(&brokers[1]), "active");
+    // Recovering until the other backup, ready before, is ready again under the new primary.
+    assert!(matches!(
+        status(&brokers[1]).as_str(),
+        "recovering" | "active"
+    ));
+    wait_status(&brokers[1], "active").await;
+    assert!(brokers[1].log().contains("All backups recovered."));
     let nc = brokers[1].connect().await;
     wait_count(&nc, "orders", 90).await;
     // The other backup follows the new primary, without gaps or duplicates.
@@ -357,6 +367,8 @@ async fn exchanges_and_bindings_are_replicated_and_route_after_a_failover() {
     publish_to(&ch, "events", "order.new", b"before").await;
     wait_count(&b, "audit", 1).await;
     drop(pc);
+    // Only a ready backup may be promoted: new queues made it catch up for a moment.
+    wait_status(&brokers[1], "ready").await;
     brokers[0].signal("KILL");
     brokers[0].wait_exit(Duration::from_secs(5));
     promote(&brokers[1]);
@@ -382,4 +394,45 @@ async fn publish_to(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8])
     .expect("publish")
     .await
     .expect("confirm");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recovering_primary_holds_confirms_for_an_expected_backup_until_the_timeout() {
+    let (mut brokers, _) = cluster(3, &["--ha-replicate", "all", "--ha-backup-timeout", "2s"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    wait_status(&brokers[2], "ready").await;
+    let pc = brokers[0].connect().await;
+    declare(&channel(&pc).await, "held", FieldTable::default()).await;
+    let b2 = admin(&brokers[2]).await;
+    wait_count(&b2, "held", 0).await;
+    wait_status(&brokers[1], "ready").await;
+    wait_status(&brokers[2], "ready").await;
+    drop(pc);
+    // The old primary dies; one of the two ready backups is frozen (it stays expected).
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    brokers[2].signal("STOP");
+    promote(&brokers[1]);
+    assert_eq!(status(&brokers[1]), "recovering");
+    let nc = brokers[1].connect().await;
+    let ch = channel(&nc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    let started = std::time::Instant::now();
+    publish_confirmed(&ch, "held", 0..1).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "confirmed after {waited:?}: not held"
+    );
+    wait_status(&brokers[1], "active").await;
+    assert!(brokers[1].log().contains("--ha-backup-timeout"));
+    // Once active, confirms no longer wait for it.
+    let started = std::time::Instant::now();
+    publish_confirmed(&ch, "held", 1..2).await;
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    brokers[2].signal("CONT");
+    wait_status(&brokers[2], "ready").await;
+    let b2 = admin(&brokers[2]).await;
+    wait_count(&b2, "held", 2).await;
 }

@@ -23,7 +23,7 @@ use crate::mgmt::events::{BindingEvent, SubscriptionEvent};
 use crate::mgmt::{Event, Management};
 use crate::queue::{DequeueReason, EnqueueOutcome, Queue, QueuedMessage};
 use crate::queue_settings::QueueSettings;
-use crate::replication::cluster::{ConfigSubscription, HaStatus, StatusCell};
+use crate::replication::cluster::{ConfigSubscription, ExpectedGuard, HaStatus, StatusCell};
 use crate::replication::{HaModule, ReplicatingSubscription};
 
 /// The predeclared exchanges.
@@ -85,6 +85,8 @@ pub struct Broker {
     config_subscriptions: Mutex<Vec<Weak<ConfigSubscription>>>,
     /// Where clients should go instead of this backup (the primary, as the backup found it).
     primary_address: Mutex<Option<String>>,
+    /// A recovering primary's guards for its expected backups.
+    expected_guards: Mutex<Vec<Arc<ExpectedGuard>>>,
 }
 
 /// What queue.declare answers.
@@ -176,6 +178,7 @@ impl Broker {
                 status: StatusCell::new(initial_status),
                 config_subscriptions: Mutex::new(Vec::new()),
                 primary_address: Mutex::new(None),
+                expected_guards: Mutex::new(Vec::new()),
             }
         })
     }
@@ -238,6 +241,64 @@ impl Broker {
             status.as_str(),
             self.redirect_text()
         )))
+    }
+
+    /// The backups' configuration subscriptions alive now.
+    pub fn config_subscriptions(&self) -> Vec<Arc<ConfigSubscription>> {
+        self.config_subscriptions
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// A promoted primary guards every queue at level `all` for each expected backup (their
+    /// system ids): confirms wait for them (reference 4.8).
+    pub fn install_expected_guards(&self, expected: &[String]) {
+        let mut guards = self.expected_guards.lock();
+        for q in self.queues() {
+            if crate::replication::cluster::queue_level(self, &q) != crate::config::ReplicateLevel::All {
+                continue;
+            }
+            for id in expected {
+                let g = ExpectedGuard::new(q.name.clone(), id.clone());
+                q.add_observer(g.clone());
+                guards.push(g);
+            }
+        }
+    }
+
+    /// The holds kept for `system_id` on `queue` since the promotion, handed to its replicating
+    /// subscription.
+    pub fn take_expected_holds(
+        &self,
+        queue: &str,
+        system_id: &str,
+    ) -> std::collections::HashMap<u64, crate::confirms::Hold> {
+        let mut guards = self.expected_guards.lock();
+        let mut out = std::collections::HashMap::new();
+        guards.retain(|g| {
+            if g.queue == queue && g.system_id == system_id {
+                out.extend(g.take());
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Releases every expected backup's holds (all recovered, or the backup timeout expired).
+    /// Returns the system ids that were still expected.
+    pub fn release_expected_guards(&self) -> Vec<String> {
+        let guards = std::mem::take(&mut *self.expected_guards.lock());
+        let mut ids: Vec<String> = guards.iter().map(|g| g.system_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        for g in guards {
+            drop(g.take());
+        }
+        ids
     }
 
     /// Registers a backup's configuration subscription.
@@ -763,6 +824,13 @@ impl Broker {
         let now = self.now_ms();
         for s in self.subscriptions() {
             s.tick(now);
+        }
+        let configs = self.config_subscriptions();
+        if !configs.is_empty() && self.ha_status().is_primary() {
+            let members = crate::replication::cluster::membership(self);
+            for c in configs {
+                c.send_members(&members);
+            }
         }
     }
 

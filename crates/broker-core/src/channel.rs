@@ -944,7 +944,13 @@ impl Channel {
             )));
         }
         let _config = b.config_guard();
-        let sub = replication::cluster::ConfigSubscription::start(b, tag, self.link.clone());
+        let sub = replication::cluster::ConfigSubscription::start(
+            b,
+            tag,
+            self.link.clone(),
+            system_id.clone(),
+            ctx.peer.to_string(),
+        );
         b.add_config_subscription(&sub);
         tracing::info!(target: "HA", "backup {} (broker {system_id}) follows this primary's configuration", ctx.peer);
         self.config_sub = Some(sub);

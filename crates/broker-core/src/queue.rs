@@ -76,6 +76,11 @@ pub trait QueueObserver: Send + Sync + std::fmt::Debug {
     fn dequeued(&self, queue: &Queue, id: u64, reason: DequeueReason);
     /// The queue was deleted (its messages' dequeues, reason `Deleted`, come before).
     fn queue_deleted(&self, _queue: &Queue) {}
+    /// True once the observer wants no more calls: it is dropped from the queue at the next
+    /// snapshot (it may be retired while the queue's lock is held).
+    fn retired(&self) -> bool {
+        false
+    }
 }
 
 /// Outcome of offering a message to a queue.
@@ -364,6 +369,7 @@ impl Queue {
         all.sort_unstable_by_key(|e| e.id);
         st.observers.push(observer);
         with(all);
+        st.observers.retain(|o| !o.retired());
     }
 
     // ---- the replica side ----------------------------------------------------------------

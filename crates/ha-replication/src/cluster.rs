@@ -18,7 +18,6 @@ use tokio::sync::watch;
 use crate::HaReplication;
 use crate::address::Address;
 use crate::link::{Incoming, Link, LinkError, LinkSettings};
-use crate::replica::State;
 
 /// How long a promotion's status check waits for each member.
 const STATUS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -210,23 +209,6 @@ async fn session(module: &Arc<HaReplication>, broker: &Arc<Broker>, addr: &Addre
                 return Ended::Failed(e.to_string());
             }
         }
-        update_status(module, broker);
-    }
-}
-
-/// joining → catchup once the primary's configuration arrived; catchup → ready once every
-/// replicated queue is live.
-fn update_status(module: &HaReplication, broker: &Broker) {
-    let status = broker.ha_status();
-    if status == HaStatus::CatchUp {
-        let all_ready = module
-            .cluster_replicas()
-            .iter()
-            .all(|r| r.state() == State::Ready);
-        if all_ready {
-            broker.set_ha_status(HaStatus::Ready);
-            tracing::info!(target: "HA", notice = true, "Backup is ready");
-        }
     }
 }
 
@@ -274,6 +256,28 @@ fn apply(
             Ok(())
         }
         config_event::QUEUE_DECLARE => declare_local(module, broker, &v),
+        config_event::MEMBERS => {
+            // The primary decides a backup's status (reference 4.3).
+            let me = broker.system_id().to_string();
+            let mine = v.as_array().and_then(|all| {
+                all.iter()
+                    .find(|m| m.get("system-id").and_then(Value::as_str) == Some(me.as_str()))
+                    .and_then(|m| m.get("status").and_then(Value::as_str))
+                    .map(str::to_string)
+            });
+            *module.membership.lock() = v;
+            match mine.as_deref() {
+                Some("ready") if broker.ha_status() != HaStatus::Ready => {
+                    broker.set_ha_status(HaStatus::Ready);
+                    tracing::info!(target: "HA", notice = true, "Backup is ready");
+                }
+                Some("catchup") if broker.ha_status() == HaStatus::Ready => {
+                    broker.set_ha_status(HaStatus::CatchUp);
+                }
+                _ => {}
+            }
+            Ok(())
+        }
         config_event::EXCHANGES => {
             let list = v.as_array().cloned().unwrap_or_default();
             let names: Vec<&str> = list
@@ -581,6 +585,21 @@ async fn status_of(broker: &Broker, addr: &Address) -> Option<String> {
 
 fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
     module.stop_backup();
+    // The backups that were ready under the old primary are expected to come back.
+    let me = broker.system_id().to_string();
+    let expected: Vec<String> = module
+        .membership
+        .lock()
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|m| m.get("status").and_then(Value::as_str) == Some("ready"))
+                .filter_map(|m| m.get("system-id").and_then(Value::as_str))
+                .filter(|id| *id != me)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
     for r in module.cluster_replicas() {
         module.stop_replica(&r.queue.name);
         let incarnation = r.incarnation().and_then(|i| i.parse().ok());
@@ -589,6 +608,40 @@ fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
     broker.set_primary_address(None);
     broker.set_ha_status(HaStatus::Recovering);
     tracing::info!(target: "HA", notice = true, "Promoted to primary");
-    // Expected backups are not tracked yet: recovering ends at once (docs/design/clusters.md).
-    broker.set_ha_status(HaStatus::Active);
+    if expected.is_empty() {
+        broker.set_ha_status(HaStatus::Active);
+        return;
+    }
+    // Clients are served from now on; publishes to replicated queues wait for the expected
+    // backups, until they are ready or --ha-backup-timeout expires.
+    broker.install_expected_guards(&expected);
+    tracing::info!(target: "HA", "recovering: waiting for {} expected backup(s): {}", expected.len(), expected.join(", "));
+    let b = broker.clone();
+    module.runtime.spawn(async move {
+        let deadline = tokio::time::Instant::now() + b.config.ha.backup_timeout;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let members = cl::membership(&b);
+            let ready = |id: &String| {
+                members.as_array().is_some_and(|all| {
+                    all.iter().any(|m| {
+                        m.get("system-id").and_then(Value::as_str) == Some(id.as_str())
+                            && m.get("status").and_then(Value::as_str) == Some("ready")
+                    })
+                })
+            };
+            if expected.iter().all(ready) {
+                b.release_expected_guards();
+                tracing::info!(target: "HA", notice = true, "All backups recovered.");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let late: Vec<&String> = expected.iter().filter(|id| !ready(id)).collect();
+                b.release_expected_guards();
+                tracing::warn!(target: "HA", "expected backups not ready within --ha-backup-timeout ({:?}): {late:?}; no longer waiting for them", b.config.ha.backup_timeout);
+                break;
+            }
+        }
+        b.set_ha_status(HaStatus::Active);
+    });
 }

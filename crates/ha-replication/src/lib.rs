@@ -34,6 +34,8 @@ pub struct HaReplication {
     backup: Mutex<Option<Arc<cluster::Backup>>>,
     /// `--ha-brokers-url`, parsed.
     members: Mutex<Vec<address::Address>>,
+    /// The cluster's members as the primary last described them (on a backup).
+    pub(crate) membership: Mutex<serde_json::Value>,
     /// Exchanges a cluster backup created from the primary's configuration.
     pub(crate) cluster_exchanges: Mutex<std::collections::HashSet<String>>,
 }
@@ -48,6 +50,7 @@ impl HaReplication {
             backup: Mutex::new(None),
             members: Mutex::new(Vec::new()),
             cluster_exchanges: Mutex::new(std::collections::HashSet::new()),
+            membership: Mutex::new(serde_json::Value::Array(Vec::new())),
         })
     }
 
@@ -291,6 +294,14 @@ impl HaModule for HaReplication {
                 ErrorCode::Internal,
                 "the HA module is shutting down",
             ))),
+        }
+    }
+
+    fn members(&self, broker: &Broker) -> serde_json::Value {
+        if broker.ha_status().is_primary() {
+            broker_core::replication::cluster::membership(broker)
+        } else {
+            self.membership.lock().clone()
         }
     }
 

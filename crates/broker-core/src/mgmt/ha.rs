@@ -51,6 +51,10 @@ pub fn values(broker: &Broker) -> Value {
         "systemId": broker.system_id().to_string(),
         "replicas": broker.ha_module().map_or_else(Vec::new, |m| m.replica_rows()),
         "subscriptions": broker.subscriptions().iter().map(|s| s.row()).collect::<Vec<_>>(),
+        "members": match (broker.config.ha.cluster, broker.ha_module()) {
+            (true, Some(m)) => m.members(broker),
+            _ => Value::Array(Vec::new()),
+        },
     })
 }
 

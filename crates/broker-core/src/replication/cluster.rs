@@ -47,6 +47,8 @@ pub mod config_event {
     pub const BIND: &str = "bind";
     /// A replicated binding was removed.
     pub const UNBIND: &str = "unbind";
+    /// The cluster's members as the primary sees them (a JSON array), sent when it changes.
+    pub const MEMBERS: &str = "members";
 }
 
 /// A broker's HA status (reference section 4.3), in Qpid's order.
@@ -221,20 +223,34 @@ pub fn describe_queue(broker: &Broker, q: &Queue) -> Value {
 pub struct ConfigSubscription {
     /// The consumer tag.
     pub tag: String,
+    /// The backup's system id.
+    pub system_id: String,
+    /// The backup's link, as seen here.
+    pub peer: String,
     link: Arc<ChannelLink>,
     broker: Weak<Broker>,
     next_tag: Mutex<u64>,
+    last_members: Mutex<String>,
 }
 
 impl ConfigSubscription {
     /// Starts the stream (call under `Broker::config_guard`, so no change slips between the
     /// snapshot and the events).
-    pub fn start(broker: &Arc<Broker>, tag: String, link: Arc<ChannelLink>) -> Arc<Self> {
+    pub fn start(
+        broker: &Arc<Broker>,
+        tag: String,
+        link: Arc<ChannelLink>,
+        system_id: String,
+        peer: String,
+    ) -> Arc<Self> {
         let sub = Arc::new(ConfigSubscription {
             tag,
+            system_id,
+            peer,
             link,
             broker: Arc::downgrade(broker),
             next_tag: Mutex::new(1),
+            last_members: Mutex::new(String::new()),
         });
         let init = json!({
             "version": PROTOCOL_VERSION,
@@ -313,6 +329,19 @@ impl ConfigSubscription {
         }
     }
 
+    /// Sends the membership if it changed since the last time.
+    pub fn send_members(&self, members: &Value) {
+        let text = members.to_string();
+        {
+            let mut last = self.last_members.lock();
+            if *last == text {
+                return;
+            }
+            last.clone_from(&text);
+        }
+        self.write(config_event::MEMBERS, members);
+    }
+
     fn write(&self, name: &str, body: &Value) {
         let body = body.to_string();
         let mut t = self.next_tag.lock();
@@ -325,5 +354,94 @@ impl ConfigSubscription {
             hot::write_deliver(out, ch, ctag, tag, false, EVENT_EXCHANGE, name);
             hot::write_content(out, ch, &[0, 0], body.as_bytes(), frame_max);
         });
+    }
+}
+
+/// The cluster as the primary sees it: itself, and each backup with a configuration
+/// subscription, `ready` when every queue at level `all` has a ready replicating subscription
+/// from it, else `catchup`.
+pub fn membership(broker: &Broker) -> Value {
+    let replicated: Vec<String> = broker
+        .queues()
+        .iter()
+        .filter(|q| queue_level(broker, q) == ReplicateLevel::All)
+        .map(|q| q.name.clone())
+        .collect();
+    let subs = broker.subscriptions();
+    let mut members = vec![json!({
+        "system-id": broker.system_id().to_string(),
+        "status": broker.ha_status().as_str(),
+        "address": null,
+    })];
+    for c in broker.config_subscriptions() {
+        let ready = replicated.iter().all(|q| {
+            subs.iter().any(|s| {
+                s.queue.name == *q
+                    && s.replica.system_id == c.system_id
+                    && s.phase() == super::subscription::Phase::Ready
+            })
+        });
+        members.push(json!({
+            "system-id": c.system_id,
+            "status": if ready { "ready" } else { "catchup" },
+            "address": c.peer,
+        }));
+    }
+    Value::Array(members)
+}
+
+/// A promoted primary's stand-in for an expected backup on one queue: it holds the confirms of
+/// what is published until that backup's replicating subscription takes them over (the holds
+/// move to it at its snapshot and are released by its acks), or the backup timeout expires.
+#[derive(Debug)]
+pub struct ExpectedGuard {
+    /// The queue.
+    pub queue: String,
+    /// The expected backup's system id.
+    pub system_id: String,
+    holds: Mutex<std::collections::HashMap<u64, crate::confirms::Hold>>,
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl ExpectedGuard {
+    /// A guard for `system_id` on `queue`.
+    pub fn new(queue: String, system_id: String) -> Arc<ExpectedGuard> {
+        Arc::new(ExpectedGuard {
+            queue,
+            system_id,
+            holds: Mutex::new(std::collections::HashMap::new()),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Stops guarding and hands over the holds (by message id).
+    pub fn take(&self) -> std::collections::HashMap<u64, crate::confirms::Hold> {
+        self.retired.store(true, Ordering::Release);
+        std::mem::take(&mut *self.holds.lock())
+    }
+}
+
+impl crate::queue::QueueObserver for ExpectedGuard {
+    fn enqueued(
+        &self,
+        _queue: &Queue,
+        entry: &crate::queue::QueuedMessage,
+        confirm: Option<crate::confirms::PendingConfirm<'_>>,
+    ) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(c) = confirm {
+            self.holds.lock().insert(entry.id, c.hold());
+        }
+    }
+
+    fn dequeued(&self, _queue: &Queue, id: u64, _reason: crate::queue::DequeueReason) {
+        let hold = self.holds.lock().remove(&id);
+        drop(hold);
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 }

@@ -81,6 +81,9 @@ pub trait HaModule: Send + Sync + std::fmt::Debug {
     /// Promotes this cluster member to primary (`qpid-ha promote --cluster-manager`); `answer`
     /// is told the outcome (the status checks of other members take a moment).
     fn promote(&self, broker: &Arc<Broker>, answer: Answer);
+    /// The cluster's members (`system-id`, `status`, `address`): computed on a primary, as
+    /// last received on a backup.
+    fn members(&self, broker: &Broker) -> serde_json::Value;
     /// One JSON object per replica queue, for `qpid-ha query`.
     fn replica_rows(&self) -> Vec<serde_json::Value>;
     /// Stops every link (broker shutdown).

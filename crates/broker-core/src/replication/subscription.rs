@@ -274,6 +274,17 @@ impl ReplicatingSubscription {
                 .map(|e| e.message.body_size())
                 .sum();
             st.snapshot_live = sent;
+            // A promoted primary kept the confirms of what was published for this backup since
+            // the promotion: they are released as this subscription delivers those messages
+            // (or at once for what the backup has already).
+            if let Some(b) = self.broker.upgrade() {
+                for (id, hold) in b.take_expected_holds(&self.queue.name, &self.replica.system_id) {
+                    let at = snap.partition_point(|&(x, _)| x < id);
+                    if snap.get(at).is_some_and(|&(x, _)| x == id) {
+                        st.pending_holds.insert(id, hold);
+                    }
+                }
+            }
             st.snapshot = snap;
             st.items.push_back(Item::Snapshot);
             st.items.push_back(Item::Ready);
@@ -431,7 +442,8 @@ impl ReplicatingSubscription {
                     Some((id, Some(e))) => {
                         st.snapshot_live -= 1;
                         st.snapshot_bytes -= e.message.body_size();
-                        self.send_data(st, id, &e.message, e.redelivered, None);
+                        let hold = st.pending_holds.remove(&id);
+                        self.send_data(st, id, &e.message, e.redelivered, hold);
                     }
                 }
                 continue;
@@ -617,6 +629,9 @@ impl QueueObserver for ReplicatingSubscription {
                 // Never sent: the replica sees neither the message nor its dequeue.
                 st.snapshot_live -= 1;
                 st.snapshot_bytes -= e.message.body_size();
+                let hold = st.pending_holds.remove(&id);
+                drop(st);
+                drop(hold);
                 return;
             }
         }
