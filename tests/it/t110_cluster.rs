@@ -131,6 +131,15 @@ async fn members_join_one_is_promoted_and_the_others_become_ready_backups() {
     assert_eq!(status(&brokers[0]), "active");
     wait_status(&brokers[1], "ready").await;
     wait_status(&brokers[2], "ready").await;
+    // The primary's view of the cluster, in query.
+    let q = qpid_ha(&["query", "-b", &addr(&brokers[0])]);
+    assert!(q.stdout.contains("Members"), "{q:?}");
+    assert_eq!(q.stdout.matches(" ready ").count(), 2, "{q:?}");
+    assert_eq!(q.stdout.matches(" active ").count(), 1, "{q:?}");
+    let j: serde_json::Value =
+        serde_json::from_str(&qpid_ha(&["query", "--json", "-b", &addr(&brokers[1])]).stdout)
+            .unwrap();
+    assert_eq!(j["brokers"][0]["members"].as_array().map(Vec::len), Some(3), "{j:#}");
     // Promoting the primary again is ignored.
     promote(&brokers[0]);
     let r = qpid_ha(&["status", "--is-primary", "-b", &addr(&brokers[0])]);

@@ -257,7 +257,9 @@ impl Broker {
     pub fn install_expected_guards(&self, expected: &[String]) {
         let mut guards = self.expected_guards.lock();
         for q in self.queues() {
-            if crate::replication::cluster::queue_level(self, &q) != crate::config::ReplicateLevel::All {
+            if crate::replication::cluster::queue_level(self, &q)
+                != crate::config::ReplicateLevel::All
+            {
                 continue;
             }
             for id in expected {

@@ -488,6 +488,9 @@ pub struct HaBrokerInfo {
     /// One JSON object per replicating subscription this broker serves as an original
     /// (`queue`, `replica`, `state`, `lag`, `confirmsHeld`, ...); empty when none.
     pub subscriptions: Vec<Value>,
+    /// A cluster member's view of the cluster (`system-id`, `status`, `address`); empty
+    /// outside a cluster.
+    pub members: Vec<Value>,
 }
 
 /// Reads the HA object; `None` if the broker has none (it runs with neither
@@ -515,6 +518,7 @@ impl Operation for QueryHaBroker {
                     system_id: text(v, "systemId"),
                     replicas: list(v, "replicas"),
                     subscriptions: list(v, "subscriptions"),
+                    members: list(v, "members"),
                 }
             }))
     }

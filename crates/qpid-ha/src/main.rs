@@ -261,6 +261,7 @@ fn query_lines(ha: Option<&HaBrokerInfo>) -> String {
             line("Brokers URL:", &h.brokers_url),
             line("Public URL:", &h.public_url),
             line("Replicate: ", &h.replicate_default),
+            rows::member_table(&h.members),
             rows::replica_table(&h.replicas),
             rows::subscription_table(&h.subscriptions),
         ]
@@ -273,11 +274,11 @@ fn query_json(address: &str, ha: Option<&HaBrokerInfo>) -> Value {
     match ha {
         Some(h) => json!({"address": address, "ha": true, "status": h.status,
             "brokerId": h.system_id, "brokersUrl": h.brokers_url, "publicUrl": h.public_url,
-            "replicate": h.replicate_default, "replicas": h.replicas,
+            "replicate": h.replicate_default, "members": h.members, "replicas": h.replicas,
             "subscriptions": h.subscriptions, "error": null}),
         None => json!({"address": address, "ha": false, "status": NO_HA_STATUS,
             "brokerId": null, "brokersUrl": null, "publicUrl": null, "replicate": null,
-            "replicas": [], "subscriptions": [], "error": null}),
+            "members": [], "replicas": [], "subscriptions": [], "error": null}),
     }
 }
 
@@ -313,7 +314,7 @@ async fn query(parsed: &Parsed, ha: Option<&HaBrokerInfo>) -> Result<(), Failure
                 };
                 brokers.push(json!({"address": shown, "ha": null, "status": null,
                     "brokerId": null, "brokersUrl": null, "publicUrl": null, "replicate": null,
-                    "replicas": null, "subscriptions": null,
+                    "members": null, "replicas": null, "subscriptions": null,
                     "error": {"kind": kind, "message": message}}));
             }
             Err(f) => println!("{shown} {}\n", failure_text(&f)),

@@ -4,6 +4,21 @@
 
 use serde_json::Value;
 
+/// The cluster members table (a cluster member's view), or nothing outside a cluster.
+pub fn member_table(members: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                text(&m["system-id"]),
+                text(&m["status"]),
+                text(&m["address"]),
+            ]
+        })
+        .collect();
+    table("Members", &["System ID", "Status", "Address"], &rows)
+}
+
 /// The replicas table, or nothing when there are no replicas.
 pub fn replica_table(replicas: &[Value]) -> String {
     let rows: Vec<Vec<String>> = replicas
