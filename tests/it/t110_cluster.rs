@@ -139,7 +139,11 @@ async fn members_join_one_is_promoted_and_the_others_become_ready_backups() {
     let j: serde_json::Value =
         serde_json::from_str(&qpid_ha(&["query", "--json", "-b", &addr(&brokers[1])]).stdout)
             .unwrap();
-    assert_eq!(j["brokers"][0]["members"].as_array().map(Vec::len), Some(3), "{j:#}");
+    assert_eq!(
+        j["brokers"][0]["members"].as_array().map(Vec::len),
+        Some(3),
+        "{j:#}"
+    );
     // Promoting the primary again is ignored.
     promote(&brokers[0]);
     let r = qpid_ha(&["status", "--is-primary", "-b", &addr(&brokers[0])]);
@@ -444,4 +448,46 @@ async fn a_recovering_primary_holds_confirms_for_an_expected_backup_until_the_ti
     wait_status(&brokers[2], "ready").await;
     let b2 = admin(&brokers[2]).await;
     wait_count(&b2, "held", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_replica_of_a_cluster_queue_follows_the_new_primary() {
+    let (mut brokers, url) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let pc = brokers[0].connect().await;
+    declare(&channel(&pc).await, "feed", FieldTable::default()).await;
+    let ch = channel(&pc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "feed", 0..20).await;
+    // A broker outside the cluster replicates the queue from the whole cluster; the backup,
+    // listed first, refuses the link (530) and the replica goes on to the primary.
+    let outside = TestBroker::builder()
+        .args([
+            "--ha-queue-replication",
+            "yes",
+            "--link-maintenance-interval",
+            "0.1s",
+        ])
+        .start();
+    let oc = outside.connect().await;
+    declare(&channel(&oc).await, "feed", FieldTable::default()).await;
+    let list = format!("{},{}", addr(&brokers[1]), addr(&brokers[0]));
+    let r = qpid_ha(&["replicate", "-b", &addr(&outside), &list, "feed"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+    wait_count(&oc, "feed", 20).await;
+    wait_status(&brokers[1], "ready").await;
+    drop((ch, pc));
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    promote(&brokers[1]);
+    wait_status(&brokers[1], "active").await;
+    let nc = brokers[1].connect().await;
+    let ch = channel(&nc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "feed", 20..25).await;
+    get(&ch, "feed", true).await.expect("a message");
+    // No gap, no duplicate: 20 + 5 - 1.
+    wait_count(&oc, "feed", 24).await;
+    let _ = url;
 }

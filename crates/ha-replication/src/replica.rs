@@ -464,7 +464,9 @@ fn ids_properties(last: bool) -> Vec<u8> {
 
 fn failure(e: LinkError, cluster: bool) -> Ended {
     match e {
-        LinkError::ConnectionClosed { code: 530, text } if cluster => Ended::Unreachable(text),
+        // 530 at connection.open is a cluster backup's answer: not the primary, try the next
+        // address (an original that is a cluster is given as the list of its members).
+        LinkError::ConnectionClosed { code: 530, text } => Ended::Unreachable(text),
         LinkError::ChannelClosed { code: 406, text }
             if cluster && text.contains("is itself a replica") =>
         {
