@@ -4,6 +4,7 @@
 mod t100_replication;
 mod t10_connection;
 mod t110_cluster;
+mod t111_cluster_scripts;
 mod t20_exchanges;
 mod t30_queues;
 mod t40_basic;
