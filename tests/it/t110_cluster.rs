@@ -491,3 +491,87 @@ async fn a_standalone_replica_of_a_cluster_queue_follows_the_new_primary() {
     wait_count(&oc, "feed", 24).await;
     let _ = url;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_old_primary_sees_the_newer_epoch_and_demotes_itself() {
+    let (brokers, _) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let old = brokers[0].connect().await;
+    declare(&channel(&old).await, "fenced", FieldTable::default()).await;
+    wait_status(&brokers[1], "ready").await;
+    // The primary freezes; the cluster manager promotes the backup (a new epoch).
+    brokers[0].signal("STOP");
+    promote(&brokers[1]);
+    wait_status(&brokers[1], "active").await;
+    let nc = brokers[1].connect().await;
+    let ch = channel(&nc).await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "fenced", 0..3).await;
+    // The old primary wakes up: it finds the newer primary, stops serving its clients and
+    // follows the new primary as a backup.
+    brokers[0].signal("CONT");
+    let ok = eventually(FOLLOW, || async {
+        matches!(status(&brokers[0]).as_str(), "catchup" | "ready")
+    })
+    .await;
+    assert!(
+        ok,
+        "the old primary did not demote itself: {}",
+        status(&brokers[0])
+    );
+    assert!(brokers[0].log().contains("Demoted"), "{}", brokers[0].log());
+    let ok = eventually(FOLLOW, || async { !old.status().connected() }).await;
+    assert!(ok, "the old primary's client is still connected");
+    let e = brokers[0]
+        .try_connect_url(&brokers[0].amqp_url(), Default::default())
+        .await
+        .expect_err("a demoted primary refuses clients");
+    assert!(e.to_string().contains(&addr(&brokers[1])), "{e}");
+    wait_status(&brokers[0], "ready").await;
+    let a = admin(&brokers[0]).await;
+    wait_count(&a, "fenced", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_promotion_stores_a_new_epoch_in_the_data_directory() {
+    let dirs = [
+        integration_tests::TempDir::new("epoch-a"),
+        integration_tests::TempDir::new("epoch-b"),
+    ];
+    let ports = [free_port(), free_port()];
+    let url = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let start = |i: usize| {
+        TestBroker::builder()
+            .port(ports[i])
+            .data_dir(dirs[i].path())
+            .args(["--ha-cluster", "yes", "--ha-brokers-url", &url])
+            .args(["--link-maintenance-interval", "0.1s"])
+            .start()
+    };
+    let mut a = start(0);
+    let b = start(1);
+    promote(&a);
+    wait_status(&b, "ready").await;
+    let read =
+        |i: usize| std::fs::read_to_string(dirs[i].path().join("ha-epoch")).unwrap_or_default();
+    assert!(read(0).starts_with("qpidd-ha-epoch 1 1 "), "{}", read(0));
+    // The backup records the epoch it follows.
+    let ok = eventually(FOLLOW, || async {
+        read(1).starts_with("qpidd-ha-epoch 1 1 ")
+    })
+    .await;
+    assert!(ok, "{}", read(1));
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5));
+    promote(&b);
+    assert!(read(1).starts_with("qpidd-ha-epoch 1 2 "), "{}", read(1));
+    // The old primary restarts: it rejoins as a backup of epoch 2.
+    let a = start(0);
+    wait_status(&a, "ready").await;
+    let ok = eventually(FOLLOW, || async {
+        read(0).starts_with("qpidd-ha-epoch 1 2 ")
+    })
+    .await;
+    assert!(ok, "{}", read(0));
+}

@@ -87,6 +87,10 @@ pub struct Broker {
     primary_address: Mutex<Option<String>>,
     /// A recovering primary's guards for its expected backups.
     expected_guards: Mutex<Vec<Arc<ExpectedGuard>>>,
+    /// The cluster epoch this broker knows (fencing: `docs/design/clusters.md`).
+    epoch: AtomicU64,
+    /// Bumped to make every client connection close (a demoted primary stops serving).
+    evict: watch::Sender<u64>,
 }
 
 /// What queue.declare answers.
@@ -179,6 +183,8 @@ impl Broker {
                 config_subscriptions: Mutex::new(Vec::new()),
                 primary_address: Mutex::new(None),
                 expected_guards: Mutex::new(Vec::new()),
+                epoch: AtomicU64::new(0),
+                evict: watch::channel(0).0,
             }
         })
     }
@@ -241,6 +247,26 @@ impl Broker {
             status.as_str(),
             self.redirect_text()
         )))
+    }
+
+    /// The cluster epoch: the number of the latest promotion this broker knows of.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Records a newer epoch (never goes back).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Closes every client connection (320), administrators' excepted.
+    pub fn evict_clients(&self) {
+        self.evict.send_modify(|n| *n += 1);
+    }
+
+    /// Changes when clients must be evicted.
+    pub fn eviction(&self) -> watch::Receiver<u64> {
+        self.evict.subscribe()
     }
 
     /// The backups' configuration subscriptions alive now.

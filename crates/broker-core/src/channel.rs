@@ -927,8 +927,9 @@ impl Channel {
         let status = b.ha_status();
         if !status.is_primary() {
             return Err(AmqpError::precondition_failed(format!(
-                "not the primary: this broker's status is {}",
-                status.as_str()
+                "not the primary: this broker's status is {}, epoch {}",
+                status.as_str(),
+                b.epoch()
             )));
         }
         let tag = if c.consumer_tag.as_str().is_empty() {

@@ -99,6 +99,12 @@ impl Connection {
     }
 
     /// The current phase.
+    /// An administrator (`qpid.ha-admin` and the `admin` tag).
+    pub fn is_admin(&self) -> bool {
+        self.admin_requested && self.principal.as_ref().is_some_and(|p| p.admin)
+    }
+
+    /// Where the connection is in its life.
     pub fn phase(&self) -> Phase {
         self.phase
     }

@@ -196,6 +196,7 @@ async fn read_loop(
     let mut last_read = Instant::now();
     let mut closing_since: Option<Instant> = None;
     let mut stopping = false;
+    let mut evict = broker.eviction();
     loop {
         // Every complete frame in the buffer, then what they produced goes out inline.
         let ended = delivery::run_batch(|| process_frames(conn, &mut buf));
@@ -243,6 +244,14 @@ async fn read_loop(
                 stopping = true;
                 conn.close_connection(AmqpError::new(reply::CONNECTION_FORCED, "broker shutdown"), 0, 0);
                 closing_since = Some(Instant::now());
+            }
+            _ = evict.changed(), if !stopping => {
+                if !conn.is_admin() && conn.phase() == Phase::Open {
+                    stopping = true;
+                    let text = format!("this broker is no longer the primary: connect to {}", broker.redirect_text());
+                    delivery::run_batch(|| conn.close_connection(AmqpError::new(reply::CONNECTION_FORCED, text), 0, 0));
+                    closing_since = Some(Instant::now());
+                }
             }
         }
     }

@@ -222,6 +222,15 @@ fn apply(
         serde_json::from_slice(body).map_err(|e| format!("malformed {event} event: {e}"))?;
     match event {
         config_event::INIT => {
+            // Fencing: never follow a primary of an older epoch than one this broker knows.
+            let their_epoch = v.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+            if their_epoch < broker.epoch() {
+                return Err(format!(
+                    "stale primary: its epoch {their_epoch} is older than epoch {} known here",
+                    broker.epoch()
+                ));
+            }
+            module.record_epoch(broker, their_epoch)?;
             let theirs = v.get("replicate").and_then(Value::as_str).unwrap_or("");
             let ours = broker.config.ha.replicate.as_str();
             if theirs != ours {
@@ -529,20 +538,21 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
             ErrorCode::PreconditionFailed,
             "Still catching up, cannot be promoted.",
         ))),
-        HaStatus::Ready => {
-            promote_now(module, broker);
-            answer(Ok(None));
-        }
+        HaStatus::Ready => match promote_now(module, broker) {
+            Ok(()) => answer(Ok(None)),
+            Err(e) => answer(Err(MgmtError::new(ErrorCode::Internal, e))),
+        },
         HaStatus::Joining => {
             let (m, b) = (module.clone(), broker.clone());
             let addresses = module.cluster_addresses();
             module.runtime.spawn(async move {
                 let mut established = None;
                 for addr in &addresses {
-                    if let Some(s) = status_of(&b, addr).await
-                        && s != "joining"
-                    {
-                        established = Some((addr.to_string(), s));
+                    if let Some((s, e)) = status_of(&b, addr).await {
+                        let _ = m.record_epoch(&b, e);
+                        if s != "joining" {
+                            established = Some((addr.to_string(), s));
+                        }
                     }
                 }
                 match established {
@@ -553,10 +563,10 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
                             "Joining active cluster, cannot be promoted.",
                         )));
                     }
-                    None if b.ha_status() == HaStatus::Joining => {
-                        promote_now(&m, &b);
-                        answer(Ok(None));
-                    }
+                    None if b.ha_status() == HaStatus::Joining => match promote_now(&m, &b) {
+                        Ok(()) => answer(Ok(None)),
+                        Err(e) => answer(Err(MgmtError::new(ErrorCode::Internal, e))),
+                    },
                     None => {
                         // It found a primary meanwhile: decide again on the new status.
                         promote(&m, &b, answer);
@@ -567,23 +577,55 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
     }
 }
 
-/// The HA status another member reports, if it answers (Qpid's StatusCheck).
-async fn status_of(broker: &Broker, addr: &Address) -> Option<String> {
-    let r = tokio::time::timeout(STATUS_CHECK_TIMEOUT, subscribe(broker, addr, true)).await;
-    match r {
-        Ok(Ok(link)) => {
-            link.close().await;
-            Some("active".into())
+/// The HA status and epoch another member reports, if it answers (Qpid's StatusCheck).
+async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
+    let probe = async {
+        match subscribe(broker, addr, true).await {
+            Ok(mut link) => {
+                // A primary: its `init` event says its status and epoch.
+                let mut init: Option<Value> = None;
+                for _ in 0..3 {
+                    let _ = link
+                        .next_batch(|i| {
+                            if let Incoming::Deliver { routing_key, body, .. } = i
+                                && routing_key == config_event::INIT
+                            {
+                                init = serde_json::from_slice(body).ok();
+                            }
+                        })
+                        .await;
+                    if init.is_some() {
+                        break;
+                    }
+                }
+                link.close().await;
+                let v = init?;
+                Some((
+                    v.get("status").and_then(Value::as_str).unwrap_or("active").to_string(),
+                    v.get("epoch").and_then(Value::as_u64).unwrap_or(0),
+                ))
+            }
+            Err(Ended::NotPrimary(text)) => {
+                let rest = text.split("this broker's status is ").nth(1)?;
+                let status = rest.split([',', ' ']).next().unwrap_or("").to_string();
+                let epoch = rest
+                    .split("epoch ")
+                    .nth(1)
+                    .and_then(|e| e.split_whitespace().next())
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(0);
+                Some((status, epoch))
+            }
+            Err(_) => None,
         }
-        Ok(Err(Ended::NotPrimary(text))) => text
-            .split("this broker's status is ")
-            .nth(1)
-            .map(|s| s.split_whitespace().next().unwrap_or("").to_string()),
-        _ => None,
-    }
+    };
+    tokio::time::timeout(STATUS_CHECK_TIMEOUT, probe).await.ok().flatten()
 }
 
-fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
+fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) -> Result<(), String> {
+    // A new epoch, on disk before anything else changes (fencing, section 8 of the design).
+    let epoch = broker.epoch() + 1;
+    module.record_epoch(broker, epoch)?;
     module.stop_backup();
     // The backups that were ready under the old primary are expected to come back.
     let me = broker.system_id().to_string();
@@ -607,10 +649,11 @@ fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
     }
     broker.set_primary_address(None);
     broker.set_ha_status(HaStatus::Recovering);
-    tracing::info!(target: "HA", notice = true, "Promoted to primary");
+    tracing::info!(target: "HA", notice = true, "Promoted to primary (epoch {epoch})");
+    watch_for_newer_primary(module, broker);
     if expected.is_empty() {
         broker.set_ha_status(HaStatus::Active);
-        return;
+        return Ok(());
     }
     // Clients are served from now on; publishes to replicated queues wait for the expected
     // backups, until they are ready or --ha-backup-timeout expires.
@@ -642,6 +685,50 @@ fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
                 break;
             }
         }
-        b.set_ha_status(HaStatus::Active);
+        if b.ha_status() == HaStatus::Recovering {
+            b.set_ha_status(HaStatus::Active);
+        }
     });
+    Ok(())
+}
+
+/// A primary asks the other members for their status every `--link-maintenance-interval`; on
+/// finding a primary of a newer epoch it demotes itself (fencing): it stops serving clients
+/// and rejoins as a backup.
+fn watch_for_newer_primary(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
+    let (m, b) = (Arc::downgrade(module), Arc::downgrade(broker));
+    module.runtime.spawn(async move {
+        loop {
+            let (Some(module), Some(broker)) = (m.upgrade(), b.upgrade()) else {
+                return;
+            };
+            if !broker.ha_status().is_primary() {
+                return;
+            }
+            let interval = broker.config.ha.link_maintenance_interval;
+            for addr in module.cluster_addresses() {
+                let Some((status, epoch)) = status_of(&broker, &addr).await else {
+                    continue;
+                };
+                if matches!(status.as_str(), "active" | "recovering") && epoch > broker.epoch() {
+                    demote(&module, &broker, &addr, epoch);
+                    return;
+                }
+            }
+            drop((module, broker));
+            tokio::time::sleep(interval).await;
+        }
+    });
+}
+
+fn demote(module: &Arc<HaReplication>, broker: &Arc<Broker>, primary: &Address, epoch: u64) {
+    tracing::warn!(target: "HA", notice = true, "Demoted: {primary} is the primary of epoch {epoch}, newer than this broker's epoch {}; no longer serving clients, rejoining as a backup", broker.epoch());
+    if let Err(e) = module.record_epoch(broker, epoch) {
+        tracing::error!(target: "HA", "{e}");
+    }
+    broker.release_expected_guards();
+    broker.set_ha_status(HaStatus::Joining);
+    broker.set_primary_address(Some(primary.to_string()));
+    broker.evict_clients();
+    module.start_backup(broker);
 }

@@ -10,6 +10,7 @@
 
 pub mod address;
 pub mod cluster;
+pub mod epoch;
 pub mod link;
 pub mod replica;
 
@@ -34,6 +35,8 @@ pub struct HaReplication {
     backup: Mutex<Option<Arc<cluster::Backup>>>,
     /// `--ha-brokers-url`, parsed.
     members: Mutex<Vec<address::Address>>,
+    /// Where the epoch is stored (`None` with `--no-data-dir`: kept in memory only).
+    pub(crate) data_dir: Mutex<Option<std::path::PathBuf>>,
     /// The cluster's members as the primary last described them (on a backup).
     pub(crate) membership: Mutex<serde_json::Value>,
     /// Exchanges a cluster backup created from the primary's configuration.
@@ -51,14 +54,25 @@ impl HaReplication {
             members: Mutex::new(Vec::new()),
             cluster_exchanges: Mutex::new(std::collections::HashSet::new()),
             membership: Mutex::new(serde_json::Value::Array(Vec::new())),
+            data_dir: Mutex::new(None),
         })
     }
 
     /// Starts the cluster member's backup side (with `--ha-cluster`): it looks for the primary
     /// among the `--ha-brokers-url` members. An unusable URL is an error for the daemon.
-    pub fn start(self: &Arc<Self>, broker: &Arc<Broker>) -> Result<(), String> {
+    pub fn start(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        data_dir: Option<&std::path::Path>,
+    ) -> Result<(), String> {
         if !broker.config.ha.cluster {
             return Ok(());
+        }
+        if let Some(dir) = data_dir {
+            let e = epoch::load(dir)?;
+            broker.set_epoch(e);
+            *self.data_dir.lock() = Some(dir.to_path_buf());
+            tracing::info!(target: "HA", "cluster epoch {e} (from {})", dir.join(epoch::FILE).display());
         }
         let url = broker.config.ha.brokers_url.trim();
         if url.is_empty() {
@@ -69,6 +83,26 @@ impl HaReplication {
         *self.members.lock() = members.clone();
         *self.backup.lock() = Some(cluster::Backup::start(self, broker, members));
         Ok(())
+    }
+
+    /// Records a newer epoch, on disk too when there is a data directory.
+    pub(crate) fn record_epoch(&self, broker: &Broker, e: u64) -> Result<(), String> {
+        if e <= broker.epoch() && e != 0 {
+            return Ok(());
+        }
+        if let Some(dir) = self.data_dir.lock().as_deref() {
+            epoch::store(dir, e, &broker.system_id().to_string())?;
+        }
+        broker.set_epoch(e);
+        Ok(())
+    }
+
+    pub(crate) fn start_backup(self: &Arc<Self>, broker: &Arc<Broker>) {
+        let members = self.cluster_addresses();
+        if members.is_empty() {
+            return;
+        }
+        *self.backup.lock() = Some(cluster::Backup::start(self, broker, members));
     }
 
     pub(crate) fn cluster_addresses(&self) -> Vec<address::Address> {

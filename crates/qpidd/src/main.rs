@@ -200,7 +200,8 @@ async fn serve(
     if broker.config.ha.enabled() {
         let ha = ha_replication::HaReplication::new(tokio::runtime::Handle::current());
         broker.set_ha_module(ha.clone());
-        ha.start(&broker).map_err(anyhow::Error::msg)?;
+        ha.start(&broker, options.data_dir.as_deref())
+            .map_err(anyhow::Error::msg)?;
     }
     server::run(broker, listeners, shutdown)
         .await

@@ -257,6 +257,7 @@ impl ConfigSubscription {
             "system-id": broker.system_id().to_string(),
             "replicate": broker.config.ha.replicate.as_str(),
             "status": broker.ha_status().as_str(),
+            "epoch": broker.epoch(),
         });
         sub.write(config_event::INIT, &init);
         let exchanges: Vec<Value> = broker
