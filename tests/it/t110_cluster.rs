@@ -575,3 +575,47 @@ async fn each_promotion_stores_a_new_epoch_in_the_data_directory() {
     .await;
     assert!(ok, "{}", read(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_failover_an_exclusive_queue_is_adopted_by_the_first_exclusive_declare() {
+    let (mut brokers, _) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let exclusive = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let pc = brokers[0].connect().await;
+    let ch = channel(&pc).await;
+    ch.queue_declare("mine".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch, "mine", 0..3).await;
+    let b = admin(&brokers[1]).await;
+    wait_count(&b, "mine", 3).await;
+    wait_status(&brokers[1], "ready").await;
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    drop((ch, pc));
+    promote(&brokers[1]);
+    wait_status(&brokers[1], "active").await;
+    // The application reconnects and declares its queue exclusive again: it gets it, with its
+    // messages; another connection is then locked out (405).
+    let c1 = brokers[1].connect().await;
+    let ch1 = channel(&c1).await;
+    let q = ch1
+        .queue_declare("mine".into(), exclusive, FieldTable::default())
+        .await
+        .expect("the first exclusive declare adopts the queue");
+    assert_eq!(q.message_count(), 3);
+    let c2 = brokers[1].connect().await;
+    let r = integration_tests::try_declare(
+        &channel(&c2).await,
+        "mine",
+        exclusive,
+        FieldTable::default(),
+    )
+    .await;
+    integration_tests::expect_code(r.map(|_| ()), 405);
+}

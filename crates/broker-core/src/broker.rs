@@ -536,6 +536,9 @@ impl Broker {
         if let Some(q) = all.get(&name) {
             check_exclusive(q, connection_id)?;
             check_queue_equivalent(q, d)?;
+            if d.exclusive && connection_id != REPLICATION_CONNECTION && q.adopt(connection_id) {
+                tracing::info!(target: "HA", "exclusive queue '{name}' adopted by connection {connection_id}");
+            }
             q.touch(now);
             return Ok(declared(q.clone()));
         }
@@ -813,7 +816,7 @@ impl Broker {
             .queues
             .read()
             .values()
-            .filter(|q| q.exclusive_owner == Some(connection_id))
+            .filter(|q| q.exclusive_owner() == Some(connection_id))
             .cloned()
             .collect();
         for q in exclusive {
@@ -895,7 +898,7 @@ fn no_exchange(name: &str) -> AmqpError {
 }
 
 fn check_exclusive(q: &Queue, connection_id: u64) -> Result<(), AmqpError> {
-    match q.exclusive_owner {
+    match q.exclusive_owner() {
         Some(owner) if owner != connection_id => Err(AmqpError::resource_locked(format!(
             "cannot obtain exclusive access to locked queue '{}' in vhost '/'",
             q.name
@@ -967,13 +970,13 @@ fn check_queue_equivalent(q: &Queue, d: &QueueDeclare) -> Result<(), AmqpError> 
             "queue", "durable", &q.name, d.durable, q.durable,
         ));
     }
-    if q.exclusive_owner.is_some() != d.exclusive {
+    if q.exclusive != d.exclusive {
         return Err(inequivalent(
             "queue",
             "exclusive",
             &q.name,
             d.exclusive,
-            q.exclusive_owner.is_some(),
+            q.exclusive,
         ));
     }
     if q.auto_delete != d.auto_delete {

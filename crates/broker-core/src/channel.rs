@@ -550,7 +550,7 @@ impl Channel {
                 self.queue_name(name)
                     .ok()
                     .and_then(|n| b.queue(&n))
-                    .is_some_and(|q| q.exclusive_owner == Some(conn))
+                    .is_some_and(|q| q.exclusive_owner() == Some(conn))
             };
             let allowed = match &m {
                 queue::AMQPMethod::Declare(d) => d.passive || d.exclusive,

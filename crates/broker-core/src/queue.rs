@@ -99,8 +99,11 @@ pub struct Queue {
     pub name: String,
     /// Survives a restart (once there is a store).
     pub durable: bool,
-    /// The owning connection of an exclusive queue.
-    pub exclusive_owner: Option<u64>,
+    /// Exclusive to one connection (its owner).
+    pub exclusive: bool,
+    /// The owning connection of an exclusive queue (0: none yet, for a queue a cluster
+    /// replicated: the first connection that declares it exclusive adopts it).
+    owner: std::sync::atomic::AtomicU64,
     /// Deleted when its last consumer goes.
     pub auto_delete: bool,
     /// Declare arguments as the client gave them (for redeclare checks and listings).
@@ -294,7 +297,8 @@ impl Queue {
         Queue {
             name,
             durable,
-            exclusive_owner,
+            exclusive: exclusive_owner.is_some(),
+            owner: std::sync::atomic::AtomicU64::new(exclusive_owner.unwrap_or(0)),
             auto_delete,
             arguments,
             settings,
@@ -333,6 +337,26 @@ impl Queue {
 
     fn now_ms(&self) -> u64 {
         self.broker.upgrade().map_or(0, |b| b.now_ms())
+    }
+
+    /// The owning connection of an exclusive queue (`None` for a shared queue, or an exclusive
+    /// one nobody owns yet).
+    pub fn exclusive_owner(&self) -> Option<u64> {
+        match self.owner.load(Ordering::Acquire) {
+            0 => None,
+            o if self.exclusive => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Gives an ownerless exclusive queue to `connection_id` (a failover: the queue came from
+    /// the old primary). Returns false if it has an owner already.
+    pub fn adopt(&self, connection_id: u64) -> bool {
+        self.exclusive
+            && self
+                .owner
+                .compare_exchange(0, connection_id, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// This incarnation's uuid.

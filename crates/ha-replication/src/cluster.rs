@@ -411,8 +411,9 @@ fn declare_local(
         name: name.to_string(),
         passive: false,
         durable: q.get("durable").and_then(Value::as_bool).unwrap_or(false),
-        // Replica queues have no owner, whatever the primary's (reference 4.5).
-        exclusive: false,
+        // Exclusive as on the primary, but owned by nobody (reference 4.5): after a failover,
+        // the first connection that declares it exclusive adopts it.
+        exclusive: q.get("exclusive").and_then(Value::as_bool).unwrap_or(false),
         auto_delete: q
             .get("auto_delete")
             .and_then(Value::as_bool)

@@ -138,7 +138,7 @@ impl HaReplication {
                 .queues()
                 .iter()
                 .filter(|q| {
-                    q.exclusive_owner.is_none()
+                    q.exclusive_owner().is_none()
                         && broker_core::replication::cluster::queue_level(broker, q)
                             != broker_core::config::ReplicateLevel::None
                 })

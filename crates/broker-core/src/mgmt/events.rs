@@ -97,7 +97,7 @@ impl Event<'_> {
     pub fn values(&self) -> Value {
         match self {
             Event::QueueDeclare(q) => json!({
-                "qName": q.name, "durable": q.durable, "excl": q.exclusive_owner.is_some(),
+                "qName": q.name, "durable": q.durable, "excl": q.exclusive,
                 "autoDel": q.auto_delete, "altEx": q.settings.dead_letter_exchange.clone().unwrap_or_default(),
                 "args": from_table(&q.arguments), "disp": "created",
             }),

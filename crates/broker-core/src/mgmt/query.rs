@@ -204,7 +204,7 @@ fn queue(q: &Queue, counts: &HashMap<String, u64>) -> Object {
     };
     let mut v = json!({
         "name": q.name, "durable": q.durable, "autoDelete": q.auto_delete,
-        "exclusive": q.exclusive_owner.is_some(), "arguments": from_table(&q.arguments),
+        "exclusive": q.exclusive, "arguments": from_table(&q.arguments),
         "msgDepth": depth, "byteDepth": bytes, "msgTotalEnqueues": enq, "msgTotalDequeues": deq,
         "consumerCount": consumers, "bindingCount": counts.get(&q.name).copied().unwrap_or(0) + 1,
     });

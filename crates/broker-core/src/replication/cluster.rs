@@ -133,7 +133,7 @@ pub fn queue_level(broker: &Broker, queue: &Queue) -> ReplicateLevel {
     if let Some(v) = fields::get(&queue.arguments, ARG_REPLICATE).and_then(fields::as_str) {
         return parse_level(v).unwrap_or(ReplicateLevel::None);
     }
-    if queue.exclusive_owner.is_some() && queue.auto_delete {
+    if queue.exclusive && queue.auto_delete {
         return ReplicateLevel::None;
     }
     if queue.name.starts_with("qpid.") || queue.name.starts_with("qmf.") {
@@ -210,7 +210,7 @@ pub fn describe_queue(broker: &Broker, q: &Queue) -> Value {
         "name": q.name,
         "durable": q.durable,
         "auto_delete": q.auto_delete,
-        "exclusive": q.exclusive_owner.is_some(),
+        "exclusive": q.exclusive,
         "arguments": crate::mgmt::json::from_table(&q.arguments),
         "level": queue_level(broker, q).as_str(),
         "incarnation": q.incarnation().to_string(),
