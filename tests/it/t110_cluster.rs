@@ -431,13 +431,27 @@ async fn a_recovering_primary_holds_confirms_for_an_expected_backup_until_the_ti
     let nc = brokers[1].connect().await;
     let ch = channel(&nc).await;
     ch.confirm_select(Default::default()).await.unwrap();
+    // A queue declared while recovering is guarded too.
+    declare(&ch, "fresh", FieldTable::default()).await;
+    let ch2 = channel(&nc).await;
+    ch2.confirm_select(Default::default()).await.unwrap();
     let started = std::time::Instant::now();
-    publish_confirmed(&ch, "held", 0..1).await;
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1500),
-        "confirmed after {waited:?}: not held"
+    let (a, b) = tokio::join!(
+        async {
+            publish_confirmed(&ch, "held", 0..1).await;
+            started.elapsed()
+        },
+        async {
+            publish_confirmed(&ch2, "fresh", 0..1).await;
+            started.elapsed()
+        }
     );
+    for waited in [a, b] {
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "confirmed after {waited:?}: not held"
+        );
+    }
     wait_status(&brokers[1], "active").await;
     assert!(brokers[1].log().contains("--ha-backup-timeout"));
     // Once active, confirms no longer wait for it.

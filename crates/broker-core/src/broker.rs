@@ -87,6 +87,9 @@ pub struct Broker {
     primary_address: Mutex<Option<String>>,
     /// A recovering primary's guards for its expected backups.
     expected_guards: Mutex<Vec<Arc<ExpectedGuard>>>,
+    /// The expected backups' system ids while recovering (queues declared meanwhile are
+    /// guarded for them too).
+    expected_ids: Mutex<Vec<String>>,
     /// The cluster epoch this broker knows (fencing: `docs/design/clusters.md`).
     epoch: AtomicU64,
     /// Bumped to make every client connection close (a demoted primary stops serving).
@@ -183,6 +186,7 @@ impl Broker {
                 config_subscriptions: Mutex::new(Vec::new()),
                 primary_address: Mutex::new(None),
                 expected_guards: Mutex::new(Vec::new()),
+                expected_ids: Mutex::new(Vec::new()),
                 epoch: AtomicU64::new(0),
                 evict: watch::channel(0).0,
             }
@@ -220,6 +224,12 @@ impl Broker {
         };
         for s in subs {
             s.event(&event);
+        }
+        if let Event::QueueDeclare(q) = &event
+            && self.ha_status() == HaStatus::Recovering
+            && let Some(q) = self.queue(&q.name)
+        {
+            self.guard_for_expected(&q);
         }
         crate::mgmt::events::emit(self, event);
     }
@@ -281,18 +291,23 @@ impl Broker {
     /// A promoted primary guards every queue at level `all` for each expected backup (their
     /// system ids): confirms wait for them (reference 4.8).
     pub fn install_expected_guards(&self, expected: &[String]) {
-        let mut guards = self.expected_guards.lock();
+        *self.expected_ids.lock() = expected.to_vec();
         for q in self.queues() {
-            if crate::replication::cluster::queue_level(self, &q)
-                != crate::config::ReplicateLevel::All
-            {
-                continue;
-            }
-            for id in expected {
-                let g = ExpectedGuard::new(q.name.clone(), id.clone());
-                q.add_observer(g.clone());
-                guards.push(g);
-            }
+            self.guard_for_expected(&q);
+        }
+    }
+
+    fn guard_for_expected(&self, q: &Arc<Queue>) {
+        if crate::replication::cluster::queue_level(self, q) != crate::config::ReplicateLevel::All
+        {
+            return;
+        }
+        let ids = self.expected_ids.lock().clone();
+        let mut guards = self.expected_guards.lock();
+        for id in ids {
+            let g = ExpectedGuard::new(q.name.clone(), id);
+            q.add_observer(g.clone());
+            guards.push(g);
         }
     }
 
@@ -319,6 +334,7 @@ impl Broker {
     /// Releases every expected backup's holds (all recovered, or the backup timeout expired).
     /// Returns the system ids that were still expected.
     pub fn release_expected_guards(&self) -> Vec<String> {
+        self.expected_ids.lock().clear();
         let guards = std::mem::take(&mut *self.expected_guards.lock());
         let mut ids: Vec<String> = guards.iter().map(|g| g.system_id.clone()).collect();
         ids.sort();
