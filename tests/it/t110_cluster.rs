@@ -633,3 +633,63 @@ async fn after_a_failover_an_exclusive_queue_is_adopted_by_the_first_exclusive_d
     .await;
     integration_tests::expect_code(r.map(|_| ()), 405);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_ha_min_backups_confirms_wait_for_a_ready_backup_then_are_nacks() {
+    let ports = [free_port(), free_port()];
+    let url = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let extra = [
+        "--ha-replicate",
+        "all",
+        "--ha-min-backups",
+        "1",
+        "--ha-backup-timeout",
+        "2s",
+    ];
+    let a = member(ports[0], &url, &extra);
+    let mut b = member(ports[1], &url, &extra);
+    promote(&a);
+    wait_status(&b, "ready").await;
+    let pc = a.connect().await;
+    let ch = channel(&pc).await;
+    declare(&ch, "min", FieldTable::default()).await;
+    wait_status(&b, "ready").await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    let publish = |body: &'static [u8]| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                "min".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm")
+        }
+    };
+    assert!(publish(b"with a backup").await.is_ack());
+    // No ready backup: the confirm waits, then is a nack.
+    b.signal("KILL");
+    b.wait_exit(Duration::from_secs(5));
+    let ok = eventually(FOLLOW, || async {
+        let q = qpid_ha(&["query", "--json", "-b", &addr(&a)]).stdout;
+        !q.contains("\"ready\"")
+    })
+    .await;
+    assert!(ok);
+    let started = std::time::Instant::now();
+    let c = publish(b"alone").await;
+    assert!(c.is_nack(), "{c:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(a.log().contains("--ha-min-backups"));
+    // A backup comes back within the timeout: the waiting confirm is an ack.
+    let pending = tokio::spawn(publish(b"waiting"));
+    let b = member(ports[1], &url, &extra);
+    wait_status(&b, "ready").await;
+    let c = pending.await.unwrap();
+    assert!(c.is_ack(), "{c:?}");
+}

@@ -90,6 +90,10 @@ pub struct Broker {
     /// The expected backups' system ids while recovering (queues declared meanwhile are
     /// guarded for them too).
     expected_ids: Mutex<Vec<String>>,
+    /// Confirms waiting for `--ha-min-backups` ready backups, with their deadline (broker ms).
+    min_backups_holds: Mutex<Vec<(crate::confirms::Hold, u64)>>,
+    /// Backups the primary counts as ready (updated every HA tick).
+    ready_backups: AtomicUsize,
     /// The cluster epoch this broker knows (fencing: `docs/design/clusters.md`).
     epoch: AtomicU64,
     /// Bumped to make every client connection close (a demoted primary stops serving).
@@ -188,6 +192,8 @@ impl Broker {
                 expected_guards: Mutex::new(Vec::new()),
                 expected_ids: Mutex::new(Vec::new()),
                 epoch: AtomicU64::new(0),
+                min_backups_holds: Mutex::new(Vec::new()),
+                ready_backups: AtomicUsize::new(0),
                 evict: watch::channel(0).0,
             }
         })
@@ -267,6 +273,27 @@ impl Broker {
     /// Records a newer epoch (never goes back).
     pub fn set_epoch(&self, epoch: u64) {
         self.epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// True while a primary has fewer ready backups than `--ha-min-backups`.
+    pub fn below_min_backups(&self) -> bool {
+        let min = self.config.ha.min_backups as usize;
+        min > 0
+            && self.config.ha.cluster
+            && self.ha_status().is_primary()
+            && self.ready_backups.load(Ordering::Acquire) < min
+    }
+
+    /// Records how many backups are ready (by `cluster::membership`, whenever it is computed).
+    pub fn note_ready_backups(&self, n: usize) {
+        self.ready_backups.store(n, Ordering::Release);
+    }
+
+    /// Holds a publish's confirm until `--ha-min-backups` backups are ready; it is a nack if
+    /// they are not within `--ha-backup-timeout`.
+    pub fn hold_for_min_backups(&self, hold: crate::confirms::Hold) {
+        let deadline = self.now_ms() + self.config.ha.backup_timeout.as_millis() as u64;
+        self.min_backups_holds.lock().push((hold, deadline));
     }
 
     /// Closes every client connection (320), administrators' excepted.
@@ -872,12 +899,34 @@ impl Broker {
         for s in self.subscriptions() {
             s.tick(now);
         }
+        if !self.config.ha.cluster || !self.ha_status().is_primary() {
+            return;
+        }
         let configs = self.config_subscriptions();
-        if !configs.is_empty() && self.ha_status().is_primary() {
-            let members = crate::replication::cluster::membership(self);
-            for c in configs {
-                c.send_members(&members);
+        let members = crate::replication::cluster::membership(self);
+        let ready = self.ready_backups.load(Ordering::Acquire);
+        for c in configs {
+            c.send_members(&members);
+        }
+        let min = self.config.ha.min_backups as usize;
+        if min > 0 {
+            let held = std::mem::take(&mut *self.min_backups_holds.lock());
+            if held.is_empty() {
+                return;
             }
+            if ready >= min {
+                crate::confirms::release_all(held.into_iter().map(|(h, _)| h));
+                return;
+            }
+            let (expired, waiting): (Vec<_>, Vec<_>) =
+                held.into_iter().partition(|(_, deadline)| *deadline <= now);
+            if !expired.is_empty() {
+                tracing::warn!(target: "HA", "{} publish(es) refused (nack): fewer than {min} backups (--ha-min-backups) were ready within --ha-backup-timeout", expired.len());
+            }
+            for (h, _) in expired {
+                h.nack();
+            }
+            self.min_backups_holds.lock().extend(waiting);
         }
     }
 

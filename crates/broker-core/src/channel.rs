@@ -303,6 +303,15 @@ impl Channel {
             }),
             _ => None,
         };
+        if let Some(p) = pending
+            && ctx.broker.below_min_backups()
+            && self.route_buf.iter().any(|q| {
+                replication::cluster::queue_level(ctx.broker, q)
+                    == crate::config::ReplicateLevel::All
+            })
+        {
+            ctx.broker.hold_for_min_backups(p.hold());
+        }
         for q in &self.route_buf {
             if q.enqueue_confirmed(m.clone(), now, pending) == EnqueueOutcome::Rejected {
                 rejected = true;

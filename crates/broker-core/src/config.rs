@@ -101,6 +101,9 @@ pub struct HaConfig {
     pub flow_messages: u32,
     /// `--ha-flow-bytes` (0 = no limit).
     pub flow_bytes: u64,
+    /// `--ha-min-backups`: while fewer backups are ready, confirms of publishes to queues at
+    /// level `all` wait, and are nacks after `backup_timeout`.
+    pub min_backups: u32,
     /// `--link-maintenance-interval`: how soon a replica retries its link (doubling after
     /// failures, capped at [`LINK_RETRY_MAX`], reset on success).
     pub link_maintenance_interval: Duration,
@@ -128,6 +131,7 @@ impl Default for HaConfig {
             backup_timeout: Duration::from_secs(10),
             flow_messages: 1000,
             flow_bytes: 0,
+            min_backups: 0,
             link_maintenance_interval: Duration::from_millis(500),
             link_heartbeat_interval: Duration::from_secs(5),
             ack_timeout: None,

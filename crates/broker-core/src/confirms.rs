@@ -97,6 +97,24 @@ pub struct Hold {
     seq: u64,
 }
 
+impl Hold {
+    /// Gives up waiting: the publish is refused (`basic.nack`), and the hold released.
+    pub fn nack(mut self) {
+        if let Some(c) = self.confirms.take() {
+            let mut st = c.state.lock();
+            st.release(self.seq);
+            let ch = c.link.channel;
+            let seq = self.seq;
+            if seq > st.written {
+                c.link
+                    .out
+                    .write(|out| hot::write_nack(out, ch, seq, false, false));
+            }
+            c.flush_locked(&mut st);
+        }
+    }
+}
+
 impl Drop for Hold {
     fn drop(&mut self) {
         if let Some(c) = self.confirms.take() {

@@ -259,6 +259,8 @@ pub const OPTIONS: &[Spec] = &[
         "Maximum time to wait for an expected backup to connect and become ready"),
     opt("ha-flow-messages", None, uint(0, U32), "N", "1000", HA,
         "Flow control message count limit for replication (0 = no limit)"),
+    opt("ha-min-backups", None, uint(0, 1000), "N", "0", HA,
+        "While fewer than N backups are ready, confirms of publishes to replicated queues wait, then are nacks after --ha-backup-timeout"),
     opt("ha-flow-bytes", None, size(0, u64::MAX), "BYTES", "0", HA,
         "Flow control byte limit for replication (0 = no limit)"),
     opt("link-maintenance-interval", None, DUR_NZ, "DURATION", "0.5s", HA,
@@ -791,6 +793,8 @@ pub struct HaOptions {
     pub backup_timeout: Duration,
     pub flow_messages: u32,
     pub flow_bytes: u64,
+    /// `--ha-min-backups`.
+    pub min_backups: u32,
     pub link_maintenance_interval: Duration,
     pub link_heartbeat_interval: Duration,
     /// `--ha-ack-timeout` (`None`: the link heartbeat interval).
@@ -1027,6 +1031,7 @@ fn from_values(values: &Values, env: &[(String, String)]) -> Result<Options, Opt
             backup_timeout: values.duration("ha-backup-timeout"),
             flow_messages: values.uint("ha-flow-messages") as u32,
             flow_bytes: values.size("ha-flow-bytes"),
+            min_backups: values.uint("ha-min-backups") as u32,
             link_maintenance_interval: values.duration("link-maintenance-interval"),
             link_heartbeat_interval: values.duration("link-heartbeat-interval"),
             ack_timeout: Some(values.duration("ha-ack-timeout")).filter(|d| !d.is_zero()),
@@ -1108,6 +1113,7 @@ impl Options {
             backup_timeout: h.backup_timeout,
             flow_messages: h.flow_messages,
             flow_bytes: h.flow_bytes,
+            min_backups: h.min_backups,
             link_maintenance_interval: h.link_maintenance_interval,
             link_heartbeat_interval: h.link_heartbeat_interval,
             ack_timeout: h.ack_timeout,

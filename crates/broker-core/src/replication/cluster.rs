@@ -374,6 +374,7 @@ pub fn membership(broker: &Broker) -> Value {
         "status": broker.ha_status().as_str(),
         "address": null,
     })];
+    let mut ready_count = 0;
     for c in broker.config_subscriptions() {
         let ready = replicated.iter().all(|q| {
             subs.iter().any(|s| {
@@ -382,11 +383,15 @@ pub fn membership(broker: &Broker) -> Value {
                     && s.phase() == super::subscription::Phase::Ready
             })
         });
+        ready_count += usize::from(ready);
         members.push(json!({
             "system-id": c.system_id,
             "status": if ready { "ready" } else { "catchup" },
             "address": c.peer,
         }));
+    }
+    if broker.ha_status().is_primary() {
+        broker.note_ready_backups(ready_count);
     }
     Value::Array(members)
 }
