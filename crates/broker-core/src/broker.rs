@@ -325,8 +325,7 @@ impl Broker {
     }
 
     fn guard_for_expected(&self, q: &Arc<Queue>) {
-        if crate::replication::cluster::queue_level(self, q) != crate::config::ReplicateLevel::All
-        {
+        if crate::replication::cluster::queue_level(self, q) != crate::config::ReplicateLevel::All {
             return;
         }
         let ids = self.expected_ids.lock().clone();

@@ -588,7 +588,9 @@ async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
                 for _ in 0..3 {
                     let _ = link
                         .next_batch(|i| {
-                            if let Incoming::Deliver { routing_key, body, .. } = i
+                            if let Incoming::Deliver {
+                                routing_key, body, ..
+                            } = i
                                 && routing_key == config_event::INIT
                             {
                                 init = serde_json::from_slice(body).ok();
@@ -602,7 +604,10 @@ async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
                 link.close().await;
                 let v = init?;
                 Some((
-                    v.get("status").and_then(Value::as_str).unwrap_or("active").to_string(),
+                    v.get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("active")
+                        .to_string(),
                     v.get("epoch").and_then(Value::as_u64).unwrap_or(0),
                 ))
             }
@@ -620,7 +625,10 @@ async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
             Err(_) => None,
         }
     };
-    tokio::time::timeout(STATUS_CHECK_TIMEOUT, probe).await.ok().flatten()
+    tokio::time::timeout(STATUS_CHECK_TIMEOUT, probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) -> Result<(), String> {
