@@ -693,3 +693,52 @@ async fn with_ha_min_backups_confirms_wait_for_a_ready_backup_then_are_nacks() {
     let c = pending.await.unwrap();
     assert!(c.is_ack(), "{c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_queue_on_a_cluster_keeps_replicating_after_the_cluster_fails_over() {
+    // The seed's case 2: the original is outside; its replica lives on a cluster.
+    let outside = TestBroker::builder()
+        .args(["--ha-queue-replication", "yes"])
+        .start();
+    let xc = outside.connect().await;
+    declare(&channel(&xc).await, "src", FieldTable::default()).await;
+    let (mut brokers, _) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let pc = brokers[0].connect().await;
+    declare(&channel(&pc).await, "src", FieldTable::default()).await;
+    let r = qpid_ha(&[
+        "replicate",
+        "-b",
+        &addr(&brokers[0]),
+        &addr(&outside),
+        "src",
+    ]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+    let xch = channel(&xc).await;
+    xch.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&xch, "src", 0..10).await;
+    // The primary's replica, and the backup's copy of it.
+    let b = admin(&brokers[1]).await;
+    wait_count(&b, "src", 10).await;
+    wait_status(&brokers[1], "ready").await;
+    drop(pc);
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    promote(&brokers[1]);
+    wait_status(&brokers[1], "active").await;
+    // The new primary resumed the replica definition it inherited: it follows the original.
+    publish_confirmed(&xch, "src", 10..15).await;
+    for _ in 0..3 {
+        get(&xch, "src", false)
+            .await
+            .expect("a message")
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    let nc = admin(&brokers[1]).await;
+    wait_count(&nc, "src", 12).await;
+    let q = qpid_ha(&["query", "-b", &addr(&brokers[1])]).stdout;
+    assert!(q.contains(&addr(&outside)), "{q}");
+}

@@ -371,6 +371,17 @@ impl Broker {
         ids
     }
 
+    /// A queue's replica definition changed: backups are told (clusters, the seed's case 2).
+    pub fn replica_definition_changed(&self, queue: &str) {
+        let Some(q) = self.queue(queue) else {
+            return;
+        };
+        let _config = self.config_guard();
+        for c in self.config_subscriptions() {
+            c.queue_changed(&q);
+        }
+    }
+
     /// Registers a backup's configuration subscription.
     pub fn add_config_subscription(&self, sub: &Arc<ConfigSubscription>) {
         self.config_subscriptions.lock().push(Arc::downgrade(sub));

@@ -871,7 +871,13 @@ impl Channel {
                 "the original's address is this broker's own: a queue cannot replicate itself",
             ));
         }
-        if q.is_replica() {
+        // A replica is not an original, except for this primary's own cluster backups, which
+        // copy it as they copy every replicated queue (its messages keep the original's ids).
+        let own_backup = b.config.ha.cluster
+            && b.config_subscriptions()
+                .iter()
+                .any(|c| c.system_id == replica.system_id);
+        if q.is_replica() && !own_backup {
             return Err(AmqpError::precondition_failed(format!(
                 "queue '{name}' is itself a replica here; replicate from its original"
             )));

@@ -393,6 +393,17 @@ fn declare_local(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    match q.get("replica-of") {
+        Some(d) if d.is_object() => {
+            module
+                .definitions
+                .lock()
+                .insert(name.to_string(), d.clone());
+        }
+        _ => {
+            module.definitions.lock().remove(name);
+        }
+    }
     if let Some(existing) = module.replica(name)
         && existing.settings_cluster()
         && existing.incarnation().as_deref() == Some(incarnation.as_str())
@@ -520,6 +531,7 @@ fn delete_exchange_local(module: &HaReplication, broker: &Broker, name: &str) {
 }
 
 fn delete_local(module: &HaReplication, broker: &Arc<Broker>, name: &str) {
+    module.definitions.lock().remove(name);
     module.stop_replica(name);
     if let Some(q) = broker.queue(name) {
         q.set_replica_of(None);
@@ -655,6 +667,22 @@ fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) -> Result<(), 
         module.stop_replica(&r.queue.name);
         let incarnation = r.incarnation().and_then(|i| i.parse().ok());
         r.queue.take_over(incarnation);
+    }
+    // Queues that replicated another broker's queue on the old primary go on doing so from
+    // here, with the ids their copies hold (the seed's case 2, no script needed).
+    let definitions = std::mem::take(&mut *module.definitions.lock());
+    for (queue, d) in definitions {
+        let (Some(original), incarnation) = (
+            d.get("original").and_then(Value::as_str),
+            d.get("incarnation")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ) else {
+            continue;
+        };
+        if let Err(e) = module.start_standalone(broker, &queue, original, incarnation) {
+            tracing::warn!(target: "HA", "queue '{queue}': cannot resume replication from {original}: {e}");
+        }
     }
     broker.set_primary_address(None);
     broker.set_ha_status(HaStatus::Recovering);

@@ -39,6 +39,9 @@ pub struct HaReplication {
     pub(crate) data_dir: Mutex<Option<std::path::PathBuf>>,
     /// The cluster's members as the primary last described them (on a backup).
     pub(crate) membership: Mutex<serde_json::Value>,
+    /// On a cluster backup: the replica definitions of the primary's queues (the seed's case 2),
+    /// resumed at promotion.
+    pub(crate) definitions: Mutex<HashMap<String, serde_json::Value>>,
     /// Exchanges a cluster backup created from the primary's configuration.
     pub(crate) cluster_exchanges: Mutex<std::collections::HashSet<String>>,
 }
@@ -54,6 +57,7 @@ impl HaReplication {
             members: Mutex::new(Vec::new()),
             cluster_exchanges: Mutex::new(std::collections::HashSet::new()),
             membership: Mutex::new(serde_json::Value::Array(Vec::new())),
+            definitions: Mutex::new(HashMap::new()),
             data_dir: Mutex::new(None),
         })
     }
@@ -157,6 +161,41 @@ impl HaReplication {
         }
     }
 
+    /// Starts a standalone replica of `queue` from `original`, without waiting for its first
+    /// attempt (a new cluster primary resuming a replica definition it inherited).
+    pub(crate) fn start_standalone(
+        &self,
+        broker: &Arc<Broker>,
+        queue: &str,
+        original: &str,
+        incarnation: Option<String>,
+    ) -> Result<(), String> {
+        let q = broker
+            .queue(queue)
+            .ok_or_else(|| format!("no queue '{queue}'"))?;
+        let addresses = address::parse_list(original)?;
+        q.set_replica_of(Some(format!("'{queue}' on {original}")));
+        let replica = Replica::new(
+            q,
+            original.to_string(),
+            addresses,
+            Self::settings(broker),
+            incarnation,
+        );
+        replica.notify(broker);
+        if let Some(old) = self
+            .replicas
+            .lock()
+            .insert(queue.to_string(), replica.clone())
+        {
+            old.stop();
+        }
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(replica.run(tx));
+        tracing::info!(target: "HA", "queue '{queue}': resuming replication from {original} (inherited with the queue)");
+        Ok(())
+    }
+
     /// Starts a cluster backup's replica of `queue`, following the primary among the members.
     pub(crate) fn start_cluster_replica(&self, broker: &Arc<Broker>, queue: &str) {
         let Some(q) = broker.queue(queue) else {
@@ -257,9 +296,11 @@ impl HaModule for HaReplication {
             Self::settings(broker),
             incarnation,
         );
+        replica.notify(broker);
         self.replicas
             .lock()
             .insert(queue.to_string(), replica.clone());
+        broker.replica_definition_changed(queue);
         tracing::info!(target: "HA", "queue '{queue}': replicating from {original}");
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.runtime.spawn(replica.clone().run(tx));
@@ -309,9 +350,18 @@ impl HaModule for HaReplication {
         };
         r.stop();
         q.set_replica_of(None);
+        broker.replica_definition_changed(queue);
         tracing::info!(target: "HA", "queue '{queue}' detached from {} ({}): it is an ordinary queue now, with {} messages",
             r.original, match r.state() { State::OriginalLost(_) => "original lost", _ => "original alive" }, q.lock().message_count());
         Ok(())
+    }
+
+    fn replica_definition(&self, queue: &str) -> Option<serde_json::Value> {
+        let r = self.replica(queue)?;
+        if r.settings_cluster() {
+            return None;
+        }
+        Some(serde_json::json!({ "original": r.original, "incarnation": r.incarnation() }))
     }
 
     fn replica_rows(&self) -> Vec<serde_json::Value> {

@@ -104,6 +104,9 @@ pub struct Replica {
     settings: ReplicaSettings,
     status: Mutex<Status>,
     stop: watch::Sender<bool>,
+    /// Told when the replica learns its original's incarnation (a cluster primary passes its
+    /// replicas' definitions to its backups).
+    broker: Mutex<Option<std::sync::Weak<broker_core::broker::Broker>>>,
 }
 
 /// Why one session on the link ended.
@@ -148,7 +151,24 @@ impl Replica {
                 reconnects: 0,
             }),
             stop,
+            broker: Mutex::new(None),
         })
+    }
+
+    /// Sets the broker to tell when the replica definition changes.
+    pub fn notify(&self, broker: &Arc<broker_core::broker::Broker>) {
+        *self.broker.lock() = Some(Arc::downgrade(broker));
+    }
+
+    fn definition_changed(&self) {
+        let b = self
+            .broker
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(b) = b {
+            b.replica_definition_changed(&self.queue.name);
+        }
     }
 
     /// The original incarnation this replica's messages come from, once known.
@@ -593,6 +613,7 @@ impl Apply<'_> {
             let mut st = r.status.lock();
             st.incarnation = Some(incarnation);
         }
+        r.definition_changed();
         r.set_state(State::CatchUp);
         if let Some(f) = self.first.take() {
             let _ = f.send(Ok(()));

@@ -214,6 +214,7 @@ pub fn describe_queue(broker: &Broker, q: &Queue) -> Value {
         "arguments": crate::mgmt::json::from_table(&q.arguments),
         "level": queue_level(broker, q).as_str(),
         "incarnation": q.incarnation().to_string(),
+        "replica-of": broker.ha_module().and_then(|m| m.replica_definition(&q.name)),
     })
 }
 
@@ -327,6 +328,16 @@ impl ConfigSubscription {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A replicated queue changed (its replica definition): sent as a new `queue-declare`.
+    pub fn queue_changed(&self, q: &Queue) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        if queue_level(&broker, q) != ReplicateLevel::None {
+            self.write(config_event::QUEUE_DECLARE, &describe_queue(&broker, q));
         }
     }
 

@@ -84,6 +84,9 @@ pub trait HaModule: Send + Sync + std::fmt::Debug {
     /// The cluster's members (`system-id`, `status`, `address`): computed on a primary, as
     /// last received on a backup.
     fn members(&self, broker: &Broker) -> serde_json::Value;
+    /// The replica definition of `queue` when it replicates a queue of another broker
+    /// (standalone replication, not a cluster backup's copy): `{"original", "incarnation"}`.
+    fn replica_definition(&self, queue: &str) -> Option<serde_json::Value>;
     /// One JSON object per replica queue, for `qpid-ha query`.
     fn replica_rows(&self) -> Vec<serde_json::Value>;
     /// Stops every link (broker shutdown).
