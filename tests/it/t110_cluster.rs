@@ -742,3 +742,41 @@ async fn a_replica_queue_on_a_cluster_keeps_replicating_after_the_cluster_fails_
     let q = qpid_ha(&["query", "-b", &addr(&brokers[1])]).stdout;
     assert!(q.contains(&addr(&outside)), "{q}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_delete_queues_that_had_consumers_go_at_promotion_and_the_others_stay() {
+    let (mut brokers, _) = cluster(2, &["--ha-replicate", "all"]);
+    promote(&brokers[0]);
+    wait_status(&brokers[1], "ready").await;
+    let auto_delete = lapin::options::QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    let pc = brokers[0].connect().await;
+    let ch = channel(&pc).await;
+    for q in ["used", "unused"] {
+        ch.queue_declare(q.into(), auto_delete, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let _consumer = integration_tests::consume(&ch, "used", false).await;
+    // Configuration events arrive in order: once this queue is on the backup, so is the news
+    // that "used" had a consumer.
+    declare(&ch, "marker", FieldTable::default()).await;
+    let b = admin(&brokers[1]).await;
+    let ok = eventually(FOLLOW, || async {
+        integration_tests::queue_exists(&b, "marker").await
+            && integration_tests::queue_exists(&b, "unused").await
+    })
+    .await;
+    assert!(ok);
+    wait_status(&brokers[1], "ready").await;
+    // The primary dies with the consumer.
+    brokers[0].signal("KILL");
+    brokers[0].wait_exit(Duration::from_secs(5));
+    promote(&brokers[1]);
+    wait_status(&brokers[1], "active").await;
+    let nc = brokers[1].connect().await;
+    assert!(!integration_tests::queue_exists(&nc, "used").await);
+    assert!(integration_tests::queue_exists(&nc, "unused").await);
+}

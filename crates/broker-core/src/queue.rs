@@ -927,6 +927,11 @@ impl QueueState {
     pub fn consumers(&self) -> &[Arc<Consumer>] {
         &self.consumers
     }
+    /// A consumer has subscribed since the queue was created (auto-delete needs it).
+    pub fn had_consumers(&self) -> bool {
+        self.had_consumers
+    }
+
     /// The highest id given so far (0 if none).
     pub fn last_id(&self) -> u64 {
         self.next_id - 1

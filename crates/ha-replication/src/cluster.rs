@@ -393,6 +393,9 @@ fn declare_local(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    if q.get("subscribed").and_then(Value::as_bool) == Some(true) {
+        module.subscribed.lock().insert(name.to_string());
+    }
     match q.get("replica-of") {
         Some(d) if d.is_object() => {
             module
@@ -667,6 +670,17 @@ fn promote_now(module: &Arc<HaReplication>, broker: &Arc<Broker>) -> Result<(), 
         module.stop_replica(&r.queue.name);
         let incarnation = r.incarnation().and_then(|i| i.parse().ok());
         r.queue.take_over(incarnation);
+    }
+    // Auto-delete queues that had consumers on the old primary are deleted now (they are
+    // unused here); those never subscribed stay (reference 4.10).
+    for name in std::mem::take(&mut *module.subscribed.lock()) {
+        if let Some(q) = broker.queue(&name)
+            && q.auto_delete
+            && q.lock().consumer_count() == 0
+        {
+            tracing::info!(target: "HA", "auto-delete queue '{name}' had consumers on the old primary: deleted at promotion");
+            broker.remove_queue(&q);
+        }
     }
     // Queues that replicated another broker's queue on the old primary go on doing so from
     // here, with the ids their copies hold (the seed's case 2, no script needed).

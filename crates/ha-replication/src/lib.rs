@@ -42,6 +42,8 @@ pub struct HaReplication {
     /// On a cluster backup: the replica definitions of the primary's queues (the seed's case 2),
     /// resumed at promotion.
     pub(crate) definitions: Mutex<HashMap<String, serde_json::Value>>,
+    /// On a cluster backup: auto-delete queues that had consumers on the primary.
+    pub(crate) subscribed: Mutex<std::collections::HashSet<String>>,
     /// Exchanges a cluster backup created from the primary's configuration.
     pub(crate) cluster_exchanges: Mutex<std::collections::HashSet<String>>,
 }
@@ -58,6 +60,7 @@ impl HaReplication {
             cluster_exchanges: Mutex::new(std::collections::HashSet::new()),
             membership: Mutex::new(serde_json::Value::Array(Vec::new())),
             definitions: Mutex::new(HashMap::new()),
+            subscribed: Mutex::new(std::collections::HashSet::new()),
             data_dir: Mutex::new(None),
         })
     }

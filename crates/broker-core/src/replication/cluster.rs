@@ -215,6 +215,7 @@ pub fn describe_queue(broker: &Broker, q: &Queue) -> Value {
         "level": queue_level(broker, q).as_str(),
         "incarnation": q.incarnation().to_string(),
         "replica-of": broker.ha_module().and_then(|m| m.replica_definition(&q.name)),
+        "subscribed": q.lock().had_consumers(),
     })
 }
 
@@ -303,6 +304,16 @@ impl ConfigSubscription {
             }
             Event::QueueDelete(name) => {
                 self.write(config_event::QUEUE_DELETE, &json!({ "name": name }));
+            }
+            // The first consumer of an auto-delete queue: after a failover it is deleted once
+            // unused, as on the old primary (reference 4.10).
+            Event::Subscribe(s) => {
+                if let Some(q) = broker.queue(s.queue)
+                    && q.auto_delete
+                    && q.lock().consumer_count() == 1
+                {
+                    self.queue_changed(&q);
+                }
             }
             Event::ExchangeDeclare(e) if exchange_level(&broker, e) != ReplicateLevel::None => {
                 self.write(config_event::EXCHANGE_DECLARE, &describe_exchange(e));
