@@ -5,6 +5,7 @@ mod t100_replication;
 mod t10_connection;
 mod t110_cluster;
 mod t111_cluster_scripts;
+mod t112_cluster_catalogue;
 mod t20_exchanges;
 mod t30_queues;
 mod t40_basic;

@@ -61,6 +61,7 @@ impl Backup {
 
     async fn run(self: Arc<Self>, module: Weak<HaReplication>, broker: Weak<Broker>) {
         let mut stop = self.stop.subscribe();
+        let mut last_refusal: Option<String> = None;
         let retry = match broker.upgrade() {
             Some(b) => b.config.ha.link_maintenance_interval,
             None => return,
@@ -73,6 +74,9 @@ impl Backup {
                 let (Some(m), Some(b)) = (module.upgrade(), broker.upgrade()) else {
                     return;
                 };
+                if m.is_own_address(addr) {
+                    continue;
+                }
                 if b.ha_status().is_primary() {
                     return;
                 }
@@ -83,7 +87,17 @@ impl Backup {
                 match ended {
                     Ended::Stopped => return,
                     Ended::NotPrimary(why) => {
-                        tracing::debug!(target: "HA", "backup: {addr} is not the primary: {why}");
+                        if why.contains("this broker's own") {
+                            m.note_own_address(addr);
+                        } else if why.contains("403") || why.contains("ACCESS_REFUSED") {
+                            // Refused for its credentials or tags: say so once per text.
+                            if last_refusal.as_deref() != Some(why.as_str()) {
+                                tracing::warn!(target: "HA", "backup: {addr} refused this member's link: {why} (check --ha-username and the user's 'ha' tag)");
+                                last_refusal = Some(why);
+                            }
+                        } else {
+                            tracing::debug!(target: "HA", "backup: {addr} is not the primary: {why}");
+                        }
                     }
                     Ended::Failed(why) => {
                         b.set_primary_address(None);
@@ -565,6 +579,10 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
                 let mut established = None;
                 for addr in &addresses {
                     if let Some((s, e)) = status_of(&b, addr).await {
+                        if s == "self" {
+                            m.note_own_address(addr);
+                            continue;
+                        }
                         let _ = m.record_epoch(&b, e);
                         if s != "joining" {
                             established = Some((addr.to_string(), s));
@@ -625,6 +643,9 @@ async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
                         .to_string(),
                     v.get("epoch").and_then(Value::as_u64).unwrap_or(0),
                 ))
+            }
+            Err(Ended::NotPrimary(text)) if text.contains("this broker's own") => {
+                Some(("self".to_string(), 0))
             }
             Err(Ended::NotPrimary(text)) => {
                 let rest = text.split("this broker's status is ").nth(1)?;
@@ -758,9 +779,16 @@ fn watch_for_newer_primary(module: &Arc<HaReplication>, broker: &Arc<Broker>) {
             }
             let interval = broker.config.ha.link_maintenance_interval;
             for addr in module.cluster_addresses() {
+                if module.is_own_address(&addr) {
+                    continue;
+                }
                 let Some((status, epoch)) = status_of(&broker, &addr).await else {
                     continue;
                 };
+                if status == "self" {
+                    module.note_own_address(&addr);
+                    continue;
+                }
                 if matches!(status.as_str(), "active" | "recovering") && epoch > broker.epoch() {
                     demote(&module, &broker, &addr, epoch);
                     return;

@@ -42,6 +42,8 @@ pub struct HaReplication {
     /// On a cluster backup: the replica definitions of the primary's queues (the seed's case 2),
     /// resumed at promotion.
     pub(crate) definitions: Mutex<HashMap<String, serde_json::Value>>,
+    /// Members of `--ha-brokers-url` found to be this broker itself.
+    own_addresses: Mutex<std::collections::HashSet<String>>,
     /// On a cluster backup: auto-delete queues that had consumers on the primary.
     pub(crate) subscribed: Mutex<std::collections::HashSet<String>>,
     /// Exchanges a cluster backup created from the primary's configuration.
@@ -61,6 +63,7 @@ impl HaReplication {
             membership: Mutex::new(serde_json::Value::Array(Vec::new())),
             definitions: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(std::collections::HashSet::new()),
+            own_addresses: Mutex::new(std::collections::HashSet::new()),
             data_dir: Mutex::new(None),
         })
     }
@@ -110,6 +113,16 @@ impl HaReplication {
             return;
         }
         *self.backup.lock() = Some(cluster::Backup::start(self, broker, members));
+    }
+
+    /// Remembers that `addr` is this broker itself (it refused a link as its own address), so
+    /// that it is not asked again.
+    pub(crate) fn note_own_address(&self, addr: &address::Address) {
+        self.own_addresses.lock().insert(addr.to_string());
+    }
+
+    pub(crate) fn is_own_address(&self, addr: &address::Address) -> bool {
+        self.own_addresses.lock().contains(&addr.to_string())
     }
 
     pub(crate) fn cluster_addresses(&self) -> Vec<address::Address> {
