@@ -871,6 +871,14 @@ impl Channel {
                 "the original's address is this broker's own: a queue cannot replicate itself",
             ));
         }
+        if let Some(theirs) = get(&c.arguments, replication::ARG_EPOCH).and_then(as_i64)
+            && theirs > b.epoch() as i64
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "stale primary: this broker's epoch {} is older than the backup's {theirs}",
+                b.epoch()
+            )));
+        }
         // A replica is not an original, except for this primary's own cluster backups, which
         // copy it as they copy every replicated queue (its messages keep the original's ids).
         let own_backup = b.config.ha.cluster

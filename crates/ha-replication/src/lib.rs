@@ -223,6 +223,7 @@ impl HaReplication {
         q.set_replica_of(Some(format!("'{queue}' on the cluster primary")));
         let original = broker.config.ha.brokers_url.clone();
         let replica = Replica::new(q, original, members, settings, None);
+        replica.notify(broker);
         if let Some(old) = self
             .replicas
             .lock()

@@ -403,6 +403,16 @@ impl Replica {
             rep::ARG_INCARNATION.into(),
             AMQPValue::LongString(LongString::from(incarnation.as_str())),
         );
+        if s.cluster {
+            // Fencing: a primary of an older epoch refuses this link.
+            let epoch = self
+                .broker
+                .lock()
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade)
+                .map_or(0, |b| b.epoch());
+            args.insert(rep::ARG_EPOCH.into(), AMQPValue::LongLongInt(epoch as i64));
+        }
         if let Err(e) = link.consume(&self.queue.name, &tag, args).await {
             return match e {
                 LinkError::ChannelClosed { code: 404, text } if !incarnation.is_empty() => {
@@ -488,7 +498,8 @@ fn failure(e: LinkError, cluster: bool) -> Ended {
         // address (an original that is a cluster is given as the list of its members).
         LinkError::ConnectionClosed { code: 530, text } => Ended::Unreachable(text),
         LinkError::ChannelClosed { code: 406, text }
-            if cluster && text.contains("is itself a replica") =>
+            if cluster
+                && (text.contains("is itself a replica") || text.contains("stale primary")) =>
         {
             Ended::Unreachable(text)
         }

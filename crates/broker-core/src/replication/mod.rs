@@ -26,6 +26,8 @@ pub const ARG_VERSION: &str = "qpid.ha-version";
 pub const ARG_INFO: &str = "qpid.ha-info";
 /// basic.consume argument: the incarnation the replica's messages came from ("" if none).
 pub const ARG_INCARNATION: &str = "qpid.ha-incarnation";
+/// basic.consume argument of a cluster backup's replica: the cluster epoch it follows.
+pub const ARG_EPOCH: &str = "qpid.ha-epoch";
 /// This protocol's version.
 pub const PROTOCOL_VERSION: i64 = 1;
 /// The exchange the replica publishes its id-set chunks to (never routed).
