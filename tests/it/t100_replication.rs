@@ -460,7 +460,14 @@ async fn deleting_the_original_leaves_the_replica_original_lost_with_its_message
             .map(|_| ()),
         405,
     );
-    assert!(replica.log().contains("original is lost"));
+    assert!(
+        eventually(FOLLOW, || async {
+            replica.log().contains("original is lost")
+        })
+        .await,
+        "log lacks original is lost: {}",
+        replica.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -601,7 +608,14 @@ async fn confirms_wait_for_a_ready_replica_and_are_released_when_it_stalls() {
         waited >= Duration::from_millis(900),
         "confirmed after {waited:?}: not held"
     );
-    assert!(original.log().contains("back to catch-up"));
+    assert!(
+        eventually(FOLLOW, || async {
+            original.log().contains("back to catch-up")
+        })
+        .await,
+        "log lacks back to catch-up: {}",
+        original.log()
+    );
     proxy.stall(false);
     wait_state(&replica, "cf", "ready").await;
     let rc = replica.connect().await;

@@ -240,7 +240,14 @@ async fn replicated_queues_reach_every_backup_and_survive_a_failover() {
         "recovering" | "active"
     ));
     wait_status(&brokers[1], "active").await;
-    assert!(brokers[1].log().contains("All backups recovered."));
+    assert!(
+        eventually(FOLLOW, || async {
+            brokers[1].log().contains("All backups recovered.")
+        })
+        .await,
+        "log lacks All backups recovered.: {}",
+        brokers[1].log()
+    );
     let nc = brokers[1].connect().await;
     wait_count(&nc, "orders", 90).await;
     // The other backup follows the new primary, without gaps or duplicates.
@@ -453,7 +460,14 @@ async fn a_recovering_primary_holds_confirms_for_an_expected_backup_until_the_ti
         );
     }
     wait_status(&brokers[1], "active").await;
-    assert!(brokers[1].log().contains("--ha-backup-timeout"));
+    assert!(
+        eventually(FOLLOW, || async {
+            brokers[1].log().contains("--ha-backup-timeout")
+        })
+        .await,
+        "log lacks --ha-backup-timeout: {}",
+        brokers[1].log()
+    );
     // Once active, confirms no longer wait for it.
     let started = std::time::Instant::now();
     publish_confirmed(&ch, "held", 1..2).await;
@@ -534,7 +548,11 @@ async fn a_paused_old_primary_sees_the_newer_epoch_and_demotes_itself() {
         "the old primary did not demote itself: {}",
         status(&brokers[0])
     );
-    assert!(brokers[0].log().contains("Demoted"), "{}", brokers[0].log());
+    assert!(
+        eventually(FOLLOW, || async { brokers[0].log().contains("Demoted") }).await,
+        "log lacks Demoted: {}",
+        brokers[0].log()
+    );
     let ok = eventually(FOLLOW, || async { !old.status().connected() }).await;
     assert!(ok, "the old primary's client is still connected");
     let e = brokers[0]
@@ -685,7 +703,9 @@ async fn with_ha_min_backups_confirms_wait_for_a_ready_backup_then_are_nacks() {
     let c = publish(b"alone").await;
     assert!(c.is_nack(), "{c:?}");
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    assert!(a.log().contains("--ha-min-backups"));
+    // The broker's log is read by another thread: poll it.
+    let logged = eventually(FOLLOW, || async { a.log().contains("--ha-min-backups") }).await;
+    assert!(logged, "{}", a.log());
     // A backup comes back within the timeout: the waiting confirm is an ack.
     let pending = tokio::spawn(publish(b"waiting"));
     let b = member(ports[1], &url, &extra);
