@@ -144,6 +144,16 @@ async fn members_join_one_is_promoted_and_the_others_become_ready_backups() {
         Some(3),
         "{j:#}"
     );
+    // Backups are shown by their own addresses in the member list.
+    let listed: Vec<String> = j["brokers"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["address"].as_str().map(str::to_string))
+        .collect();
+    for b in &brokers[1..] {
+        assert!(listed.contains(&addr(b)), "{listed:?}");
+    }
     // Promoting the primary again is ignored.
     promote(&brokers[0]);
     let r = qpid_ha(&["status", "--is-primary", "-b", &addr(&brokers[0])]);

@@ -935,12 +935,15 @@ impl Channel {
                 replication::PROTOCOL_VERSION
             )));
         }
-        let system_id = match get(&c.arguments, replication::ARG_INFO) {
-            Some(amq_protocol::types::AMQPValue::FieldTable(t)) => get(t, "system-id")
-                .and_then(as_str)
-                .unwrap_or("")
-                .to_string(),
-            _ => String::new(),
+        let (system_id, announced) = match get(&c.arguments, replication::ARG_INFO) {
+            Some(amq_protocol::types::AMQPValue::FieldTable(t)) => (
+                get(t, "system-id")
+                    .and_then(as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                get(t, "address").and_then(as_str).map(str::to_string),
+            ),
+            _ => (String::new(), None),
         };
         if system_id == b.system_id().to_string() {
             return Err(AmqpError::precondition_failed(
@@ -973,7 +976,7 @@ impl Channel {
             tag,
             self.link.clone(),
             system_id.clone(),
-            ctx.peer.to_string(),
+            announced.unwrap_or_else(|| ctx.peer.to_string()),
         );
         b.add_config_subscription(&sub);
         tracing::info!(target: "HA", "backup {} (broker {system_id}) follows this primary's configuration", ctx.peer);

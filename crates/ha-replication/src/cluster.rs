@@ -60,6 +60,24 @@ impl Backup {
     }
 
     async fn run(self: Arc<Self>, module: Weak<HaReplication>, broker: Weak<Broker>) {
+        // Find this member's own address in the list (it refuses itself) before joining, so
+        // that the primary's membership shows it; all members at once, at most 2 s.
+        if let (Some(m), Some(b)) = (module.upgrade(), broker.upgrade()) {
+            let mut probes = Vec::new();
+            for addr in self.addresses.clone() {
+                let (m, b) = (m.clone(), b.clone());
+                probes.push(m.clone().runtime.spawn(async move {
+                    if let Some((s, _)) = status_of(&b, &addr).await
+                        && s == "self"
+                    {
+                        m.note_own_address(&addr);
+                    }
+                }));
+            }
+            for p in probes {
+                let _ = p.await;
+            }
+        }
         let mut stop = self.stop.subscribe();
         let mut last_refusal: Option<String> = None;
         let retry = match broker.upgrade() {
@@ -140,12 +158,21 @@ fn link_settings(broker: &Broker, addr: &Address, admin: bool) -> LinkSettings {
     }
 }
 
-fn config_arguments(broker: &Broker) -> FieldTable {
+fn config_arguments(broker: &Broker, own: Option<String>) -> FieldTable {
     let mut info = FieldTable::default();
     info.insert(
         "system-id".into(),
         AMQPValue::LongString(LongString::from(broker.system_id().to_string())),
     );
+    // This member's own address in --ha-brokers-url, once known (the membership shows it).
+    let own = if broker.config.ha.public_url.is_empty() {
+        own
+    } else {
+        Some(broker.config.ha.public_url.clone())
+    };
+    if let Some(a) = own {
+        info.insert("address".into(), AMQPValue::LongString(LongString::from(a)));
+    }
     let mut args = FieldTable::default();
     args.insert(
         rep::ARG_REPSUB.into(),
@@ -160,7 +187,12 @@ fn config_arguments(broker: &Broker) -> FieldTable {
 }
 
 /// Opens the configuration subscription on `addr`; `Ok` if it is the primary.
-async fn subscribe(broker: &Broker, addr: &Address, admin: bool) -> Result<Link, Ended> {
+async fn subscribe(
+    broker: &Broker,
+    addr: &Address,
+    admin: bool,
+    own: Option<String>,
+) -> Result<Link, Ended> {
     let mut link = Link::connect(&link_settings(broker, addr, admin))
         .await
         .map_err(|e| match e {
@@ -171,14 +203,14 @@ async fn subscribe(broker: &Broker, addr: &Address, admin: bool) -> Result<Link,
         .await
         .map_err(|e| Ended::NotPrimary(e.to_string()))?;
     let tag = format!("qpid.ha-config:{}", broker.system_id());
-    link.consume("", &tag, config_arguments(broker))
+    link.consume("", &tag, config_arguments(broker, own))
         .await
         .map_err(|e| Ended::NotPrimary(e.to_string()))?;
     Ok(link)
 }
 
 async fn session(module: &Arc<HaReplication>, broker: &Arc<Broker>, addr: &Address) -> Ended {
-    let mut link = match subscribe(broker, addr, false).await {
+    let mut link = match subscribe(broker, addr, false, module.own_address()).await {
         Ok(l) => l,
         Err(e) => return e,
     };
@@ -614,7 +646,7 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
 /// The HA status and epoch another member reports, if it answers (Qpid's StatusCheck).
 async fn status_of(broker: &Broker, addr: &Address) -> Option<(String, u64)> {
     let probe = async {
-        match subscribe(broker, addr, true).await {
+        match subscribe(broker, addr, true, None).await {
             Ok(mut link) => {
                 // A primary: its `init` event says its status and epoch.
                 let mut init: Option<Value> = None;

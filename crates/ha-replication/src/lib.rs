@@ -121,6 +121,11 @@ impl HaReplication {
         self.own_addresses.lock().insert(addr.to_string());
     }
 
+    /// This broker's own address in `--ha-brokers-url`, once found.
+    pub(crate) fn own_address(&self) -> Option<String> {
+        self.own_addresses.lock().iter().next().cloned()
+    }
+
     pub(crate) fn is_own_address(&self, addr: &address::Address) -> bool {
         self.own_addresses.lock().contains(&addr.to_string())
     }
