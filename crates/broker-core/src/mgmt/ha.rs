@@ -2,8 +2,8 @@
 //! only when the broker runs with `ha-queue-replication` or `ha-cluster` (as in Qpid, where the
 //! HA module creates it); otherwise queries find nothing and methods find no object.
 //!
-//! `status` is `standalone` with queue replication only and `joining` with `ha-cluster`
-//! (clusters come with issue 5); `promote` refuses on a broker that is not a cluster member.
+//! `status` is the broker's HA status (`standalone` with queue replication only); `promote` is
+//! carried out by the HA module on a cluster member and refused on any other broker.
 //! `replicate` and `detach` are carried out by the HA module (crate `ha-replication`); the
 //! object's `replicas` and `subscriptions` list the replica queues of this broker and the
 //! replicating subscriptions it serves as an original.
