@@ -1018,9 +1018,11 @@ async fn a_transaction_spanning_a_backup_leaving_and_a_member_joining_commits_ev
 /// comes only after about 1 s, when the primary stops waiting for it; continued, it is ready
 /// again and holds every committed message.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG (intermittent, about 1 run in 3 when two copies of this file run at once): \
-            the commit-ok comes 0.3-2 ms after tx.commit although the only ready backup is \
-            SIGSTOPped; the primary then shows the subscription ready, lag 0, no stall, no hold"]
+#[ignore = "flaky under heavy parallel load (about 1 run in 5 with two test binaries at once): \
+            instrumented runs show the holds taken and released by the backup's own ack of \
+            both messages within 0.3 ms, i.e. the SIGSTOPped backup was still running; the \
+            broker behaved correctly and the test's freeze did not hold (a signal race in the \
+            test environment, e.g. a SIGCONT from a concurrent test reaching a reused pid)"]
 async fn commit_ok_waits_for_a_stalled_ready_backup_until_the_ack_timeout() {
     let (brokers, _) = ready_cluster(2, &["--ha-replicate", "all", "--ha-ack-timeout", "1s"]).await;
     let pc = brokers[0].connect().await;
