@@ -3,13 +3,13 @@
 //! the replica, detach, original-lost, restarts, link cuts and stalls through a TCP proxy, and
 //! confirms held by a ready replica.
 
-use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{
     TcpProxy, TestBroker, channel, declare, eventually, expect_code, get, message_count,
-    qpid_config_path, qpid_ha_path, table, within,
+    qpid_config_path, table, within,
 };
+use integration_tests::{addr, qpid_ha, run_tool};
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -22,30 +22,6 @@ fn ha_broker() -> TestBroker {
     TestBroker::builder()
         .args(["--ha-queue-replication", "yes"])
         .start()
-}
-
-fn addr(b: &TestBroker) -> String {
-    format!("127.0.0.1:{}", b.port())
-}
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(bin: std::path::PathBuf, args: &[&str]) -> Run {
-    let out = Command::new(bin).args(args).output().expect("run the tool");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn qpid_ha(args: &[&str]) -> Run {
-    run(qpid_ha_path(), args)
 }
 
 /// `qpid-ha replicate -b REPLICA ORIGINAL QUEUE`, which must succeed without a warning.
@@ -219,7 +195,7 @@ async fn qpid_config_start_replica_creates_the_queue_and_replicates_it() {
     let oc = original.connect().await;
     declare(&channel(&oc).await, "seed", FieldTable::default()).await;
     publish_n(&channel(&oc).await, "seed", 0..3).await;
-    let r = run(
+    let r = run_tool(
         qpid_config_path(),
         &[
             &format!("--broker={}", addr(&replica)),
@@ -241,7 +217,7 @@ async fn qpid_config_start_replica_creates_the_queue_and_replicates_it() {
 async fn start_replica_of_a_missing_original_fails_and_leaves_nothing() {
     let original = ha_broker();
     let replica = ha_broker();
-    let r = run(
+    let r = run_tool(
         qpid_config_path(),
         &[
             &format!("--broker={}", addr(&replica)),
@@ -499,7 +475,7 @@ async fn a_restarted_replica_broker_catches_up_with_start_replica_again() {
     publish_n(&channel(&oc).await, "rs", 0..5).await;
     let mut replica = ha_broker();
     let start = |r: &TestBroker| {
-        run(
+        run_tool(
             qpid_config_path(),
             &[
                 &format!("--broker={}", addr(r)),
@@ -743,7 +719,7 @@ async fn kill_9_of_the_replica_mid_stream_and_start_replica_again_catches_up_exa
     let oc = original.connect().await;
     declare(&channel(&oc).await, "mid2", FieldTable::default()).await;
     let start = |r: &TestBroker| {
-        run(
+        run_tool(
             qpid_config_path(),
             &[
                 &format!("--broker={}", addr(r)),

@@ -5,86 +5,15 @@
 use std::process::Command;
 use std::time::Duration;
 
+use integration_tests::{TestBroker, channel, declare, eventually, get, message_count, table};
 use integration_tests::{
-    TestBroker, channel, declare, eventually, get, message_count, qpid_ha_path, table,
+    addr, admin, cluster, free_port, member, promote, qpid_ha, status, wait_status,
 };
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 const FOLLOW: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// `n` cluster members on fixed free ports, each knowing all of them.
-fn cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let url = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let brokers = ports.iter().map(|p| member(*p, &url, extra)).collect();
-    (brokers, url)
-}
-
-fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
-    TestBroker::builder()
-        .port(port)
-        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
-        .args([
-            "--link-maintenance-interval",
-            "0.1s",
-            "--link-heartbeat-interval",
-            "1s",
-        ])
-        .args(extra.iter().copied())
-        .start()
-}
-
-fn addr(b: &TestBroker) -> String {
-    format!("127.0.0.1:{}", b.port())
-}
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn qpid_ha(args: &[&str]) -> Run {
-    let out = Command::new(qpid_ha_path())
-        .args(args)
-        .output()
-        .expect("run qpid-ha");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn status(b: &TestBroker) -> String {
-    qpid_ha(&["status", "-b", &addr(b)])
-        .stdout
-        .trim()
-        .to_string()
-}
-
-async fn wait_status(b: &TestBroker, expected: &str) {
-    let ok = eventually(FOLLOW, || async { status(b) == expected }).await;
-    assert!(ok, "{} never became {expected}: {}", addr(b), status(b));
-}
-
-#[track_caller]
-fn promote(b: &TestBroker) {
-    let r = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(b)]);
-    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
-}
 
 async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
     let ok = eventually(FOLLOW, || async {
@@ -96,13 +25,6 @@ async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
         "'{queue}' holds {:?}, expected {n}",
         message_count(conn, queue).await.ok()
     );
-}
-
-/// An admin connection (let in by backups).
-async fn admin(b: &TestBroker) -> lapin::Connection {
-    let props = lapin::ConnectionProperties::default()
-        .with_client_property("qpid.ha-admin".into(), "1".into());
-    b.connect_with(props).await
 }
 
 async fn publish_confirmed(ch: &lapin::Channel, queue: &str, range: std::ops::Range<u32>) {

@@ -7,42 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::{TempDir, TestBroker, qpid_ha_path, qpidd_path, wait_until};
+use integration_tests::{addr, free_port};
 
 const FOLLOW: Duration = Duration::from_secs(15);
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// `n` cluster members on fixed free ports, each knowing all of them.
 fn cluster(n: usize) -> Vec<TestBroker> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let url = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    ports
-        .iter()
-        .map(|p| {
-            TestBroker::builder()
-                .port(*p)
-                .args(["--ha-cluster", "yes", "--ha-brokers-url", &url])
-                .args([
-                    "--link-maintenance-interval",
-                    "0.1s",
-                    "--link-heartbeat-interval",
-                    "1s",
-                ])
-                .start()
-        })
-        .collect()
-}
-
-fn addr(b: &TestBroker) -> String {
-    format!("127.0.0.1:{}", b.port())
+    integration_tests::cluster(n, &[]).0
 }
 
 fn example(name: &str) -> PathBuf {

@@ -5,13 +5,17 @@
 //! given [backup, primary].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use integration_tests::ready_cluster;
 use integration_tests::{
     TestBroker, amqp_code, channel, declare, eventually, expect_code, get, message_count,
-    qpid_ha_path, queue_exists, table, try_declare, within,
+    queue_exists, table, try_declare, within,
+};
+use integration_tests::{
+    addr, admin, free_port, loopback_url, member, promote, promote_at, qpid_ha, status_at,
+    wait_status, wait_status_at,
 };
 use lapin::BasicProperties;
 use lapin::options::{
@@ -23,105 +27,6 @@ use lapin::types::{AMQPValue, FieldTable};
 const FOLLOW: Duration = Duration::from_secs(15);
 
 // ---- helpers (copied from t110_cluster, plus a few of this file's own) --------------------
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn ports_url(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// `n` cluster members on fixed free ports, each knowing all of them.
-fn cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let url = ports_url(&ports);
-    let brokers = ports.iter().map(|p| member(*p, &url, extra)).collect();
-    (brokers, url)
-}
-
-fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
-    TestBroker::builder()
-        .port(port)
-        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
-        .args([
-            "--link-maintenance-interval",
-            "0.1s",
-            "--link-heartbeat-interval",
-            "1s",
-        ])
-        .args(extra.iter().copied())
-        .start()
-}
-
-/// A cluster of `n` with `[0]` promoted and every other member ready.
-async fn ready_cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
-    let (brokers, url) = cluster(n, extra);
-    promote(&brokers[0]);
-    for b in &brokers[1..] {
-        wait_status(b, "ready").await;
-    }
-    (brokers, url)
-}
-
-fn addr(b: &TestBroker) -> String {
-    format!("127.0.0.1:{}", b.port())
-}
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn qpid_ha(args: &[&str]) -> Run {
-    let out = Command::new(qpid_ha_path())
-        .args(args)
-        .output()
-        .expect("run qpid-ha");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn status_at(address: &str) -> String {
-    qpid_ha(&["status", "-b", address])
-        .stdout
-        .trim()
-        .to_string()
-}
-
-async fn wait_status_at(address: &str, expected: &str) {
-    let ok = eventually(FOLLOW, || async { status_at(address) == expected }).await;
-    assert!(
-        ok,
-        "{address} never became {expected}: {}",
-        status_at(address)
-    );
-}
-
-async fn wait_status(b: &TestBroker, expected: &str) {
-    wait_status_at(&addr(b), expected).await;
-}
-
-#[track_caller]
-fn promote_at(address: &str) {
-    let r = qpid_ha(&["promote", "--cluster-manager", "-b", address]);
-    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
-}
-
-#[track_caller]
-fn promote(b: &TestBroker) {
-    promote_at(&addr(b));
-}
 
 /// kill -9 of `brokers[dead]`, then promotion of `brokers[next]` (which must be ready).
 async fn failover(brokers: &mut [TestBroker], dead: usize, next: usize) {
@@ -168,13 +73,6 @@ async fn wait_exists(conn: &lapin::Connection, queue: &str, exists: bool) {
     })
     .await;
     assert!(ok, "'{queue}' exists should be {exists}");
-}
-
-/// An admin connection (let in by backups).
-async fn admin(b: &TestBroker) -> lapin::Connection {
-    let props = lapin::ConnectionProperties::default()
-        .with_client_property("qpid.ha-admin".into(), "1".into());
-    b.connect_with(props).await
 }
 
 async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
@@ -904,7 +802,7 @@ async fn objects_recreated_while_a_backup_was_away_are_replaced_when_it_comes_ba
 #[tokio::test(flavor = "multi_thread")]
 async fn with_auth_members_replicate_as_the_ha_user_and_a_user_without_the_ha_tag_cannot() {
     let ports = [free_port(), free_port(), free_port()];
-    let url = ports_url(&ports);
+    let url = loopback_url(&ports);
     let dirs: Vec<_> = (0..3)
         .map(|i| integration_tests::TempDir::new(&format!("cat-auth-{i}")))
         .collect();

@@ -4,12 +4,16 @@
 //! timeout, auto-delete queues with an alternate exchange, transactions (reference 4.14 and
 //! tests 45 to 48) and many small queues caught up by a backup.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration_tests::ready_cluster;
 use integration_tests::{
-    TestBroker, channel, declare, eventually, get, message_count, qpid_config_path, qpid_ha_path,
-    queue_exists, table, within,
+    Run, addr, admin, free_port, loopback_url, member, promote, qpid_ha, run_tool, status,
+    wait_status,
+};
+use integration_tests::{
+    TestBroker, channel, declare, eventually, get, message_count, qpid_config_path, queue_exists,
+    table, within,
 };
 use lapin::BasicProperties;
 use lapin::options::{
@@ -22,51 +26,6 @@ const FOLLOW: Duration = Duration::from_secs(15);
 
 // ---- helpers (copied from t110_cluster / t112_cluster_catalogue) ----------------------------
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn ports_url(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// `n` cluster members on fixed free ports, each knowing all of them.
-fn cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let url = ports_url(&ports);
-    let brokers = ports.iter().map(|p| member(*p, &url, extra)).collect();
-    (brokers, url)
-}
-
-fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
-    TestBroker::builder()
-        .port(port)
-        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
-        .args([
-            "--link-maintenance-interval",
-            "0.1s",
-            "--link-heartbeat-interval",
-            "1s",
-        ])
-        .args(extra.iter().copied())
-        .start()
-}
-
-/// A cluster of `n` with `[0]` promoted and every other member ready.
-async fn ready_cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
-    let (brokers, url) = cluster(n, extra);
-    promote(&brokers[0]);
-    for b in &brokers[1..] {
-        wait_status(b, "ready").await;
-    }
-    (brokers, url)
-}
-
 /// `n` members of which the first `n - late` are a ready cluster, plus the URL of all `n`
 /// (the `late` last ports are free for members started later).
 async fn ready_cluster_with_room(
@@ -75,7 +34,7 @@ async fn ready_cluster_with_room(
     extra: &[&str],
 ) -> (Vec<TestBroker>, Vec<u16>, String) {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let url = ports_url(&ports);
+    let url = loopback_url(&ports);
     let brokers: Vec<TestBroker> = ports[..n - late]
         .iter()
         .map(|p| member(*p, &url, extra))
@@ -87,35 +46,8 @@ async fn ready_cluster_with_room(
     (brokers, ports, url)
 }
 
-fn addr(b: &TestBroker) -> String {
-    format!("127.0.0.1:{}", b.port())
-}
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(program: std::path::PathBuf, args: &[&str]) -> Run {
-    let out = Command::new(&program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn qpid_ha(args: &[&str]) -> Run {
-    run(qpid_ha_path(), args)
-}
-
 fn qpid_config(args: &[&str]) -> Run {
-    run(qpid_config_path(), args)
+    run_tool(qpid_config_path(), args)
 }
 
 /// `qpid-config` that must succeed.
@@ -124,28 +56,6 @@ fn qpid_config_ok(args: &[&str]) -> Run {
     let r = qpid_config(args);
     assert_eq!(r.code, 0, "qpid-config {args:?}: {r:?}");
     r
-}
-
-fn status_at(address: &str) -> String {
-    qpid_ha(&["status", "-b", address])
-        .stdout
-        .trim()
-        .to_string()
-}
-
-fn status(b: &TestBroker) -> String {
-    status_at(&addr(b))
-}
-
-async fn wait_status(b: &TestBroker, expected: &str) {
-    let ok = eventually(FOLLOW, || async { status(b) == expected }).await;
-    assert!(ok, "{} never became {expected}: {}", addr(b), status(b));
-}
-
-#[track_caller]
-fn promote(b: &TestBroker) {
-    let r = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(b)]);
-    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
 }
 
 fn kill(b: &mut TestBroker) {
@@ -230,13 +140,6 @@ async fn wait_exists(conn: &lapin::Connection, queue: &str, exists: bool) {
 async fn wait_log(b: &TestBroker, text: &str) {
     let ok = eventually(FOLLOW, || async { b.log().contains(text) }).await;
     assert!(ok, "log of {} lacks {text:?}:\n{}", addr(b), b.log());
-}
-
-/// An admin connection (let in by backups).
-async fn admin(b: &TestBroker) -> lapin::Connection {
-    let props = lapin::ConnectionProperties::default()
-        .with_client_property("qpid.ha-admin".into(), "1".into());
-    b.connect_with(props).await
 }
 
 async fn confirming(conn: &lapin::Connection) -> lapin::Channel {

@@ -1261,3 +1261,142 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &ProxyShared) {
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+// ---- HA clusters and the tools, shared by the replication and cluster tests ---------------
+
+/// How long cluster tests wait for a status or a count to follow.
+pub const CLUSTER_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A free loopback port (free when asked: a broker started on it right after gets it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
+}
+
+/// `127.0.0.1:p1,127.0.0.1:p2,...`, an `--ha-brokers-url` of loopback members.
+pub fn loopback_url(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `127.0.0.1:<port>` of a broker.
+pub fn addr(b: &TestBroker) -> String {
+    format!("127.0.0.1:{}", b.port())
+}
+
+/// One cluster member on `port` knowing the members `url`, with fast link maintenance
+/// (0.1 s) and heartbeats (1 s), plus `extra` arguments.
+pub fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
+    TestBroker::builder()
+        .port(port)
+        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
+        .args([
+            "--link-maintenance-interval",
+            "0.1s",
+            "--link-heartbeat-interval",
+            "1s",
+        ])
+        .args(extra.iter().copied())
+        .start()
+}
+
+/// `n` cluster members on fixed free ports, each knowing all of them, and their URL.
+pub fn cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let url = loopback_url(&ports);
+    let brokers = ports.iter().map(|p| member(*p, &url, extra)).collect();
+    (brokers, url)
+}
+
+/// A cluster of `n` with member 0 promoted and every other member ready, and its URL.
+pub async fn ready_cluster(n: usize, extra: &[&str]) -> (Vec<TestBroker>, String) {
+    let (brokers, url) = cluster(n, extra);
+    promote(&brokers[0]);
+    for b in &brokers[1..] {
+        wait_status(b, "ready").await;
+    }
+    (brokers, url)
+}
+
+/// How a run of one of the tools ended.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `program ARGS` to completion.
+pub fn run_tool(program: PathBuf, args: &[&str]) -> Run {
+    let out = Command::new(&program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `qpid-ha ARGS`.
+pub fn qpid_ha(args: &[&str]) -> Run {
+    run_tool(qpid_ha_path(), args)
+}
+
+/// The HA status `qpid-ha status` prints for the broker at `address`.
+pub fn status_at(address: &str) -> String {
+    qpid_ha(&["status", "-b", address])
+        .stdout
+        .trim()
+        .to_string()
+}
+
+/// The HA status of `b`.
+pub fn status(b: &TestBroker) -> String {
+    status_at(&addr(b))
+}
+
+/// Waits until the HA status at `address` is `expected`, panicking after `CLUSTER_DEADLINE`.
+pub async fn wait_status_at(address: &str, expected: &str) {
+    let ok = eventually(CLUSTER_DEADLINE, || async {
+        status_at(address) == expected
+    })
+    .await;
+    assert!(
+        ok,
+        "{address} never became {expected}: {}",
+        status_at(address)
+    );
+}
+
+/// Waits until `b`'s HA status is `expected`, panicking after `CLUSTER_DEADLINE`.
+pub async fn wait_status(b: &TestBroker, expected: &str) {
+    wait_status_at(&addr(b), expected).await;
+}
+
+/// `qpid-ha promote --cluster-manager` on `address`, which must succeed silently.
+#[track_caller]
+pub fn promote_at(address: &str) {
+    let r = qpid_ha(&["promote", "--cluster-manager", "-b", address]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+}
+
+/// `qpid-ha promote --cluster-manager` on `b`, which must succeed silently.
+#[track_caller]
+pub fn promote(b: &TestBroker) {
+    promote_at(&addr(b));
+}
+
+/// An administrator's connection (`qpid.ha-admin`), which backups let in.
+pub async fn admin(b: &TestBroker) -> Connection {
+    let props =
+        ConnectionProperties::default().with_client_property("qpid.ha-admin".into(), "1".into());
+    b.connect_with(props).await
+}

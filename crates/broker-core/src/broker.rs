@@ -913,12 +913,15 @@ impl Broker {
             return;
         }
         let configs = self.config_subscriptions();
+        let min = self.config.ha.min_backups as usize;
+        if configs.is_empty() && min == 0 {
+            return;
+        }
         let members = crate::replication::cluster::membership(self);
         let ready = self.ready_backups.load(Ordering::Acquire);
         for c in configs {
             c.send_members(&members);
         }
-        let min = self.config.ha.min_backups as usize;
         if min > 0 {
             let held = std::mem::take(&mut *self.min_backups_holds.lock());
             if held.is_empty() {

@@ -132,30 +132,7 @@ impl Backup {
 }
 
 fn link_settings(broker: &Broker, addr: &Address, admin: bool) -> LinkSettings {
-    let ha = &broker.config.ha;
-    let (username, password) = match &addr.credentials {
-        Some((u, p)) => (u.clone(), p.clone()),
-        None if !ha.username.is_empty() => (ha.username.clone(), ha.password.clone()),
-        None => ("guest".into(), "guest".into()),
-    };
-    let mut props = FieldTable::default();
-    props.insert(
-        "product".into(),
-        AMQPValue::LongString(LongString::from("qpidd-rs ha backup link")),
-    );
-    if admin {
-        props.insert("qpid.ha-admin".into(), AMQPValue::LongString("1".into()));
-    }
-    LinkSettings {
-        host: addr.host.clone(),
-        port: addr.port,
-        username,
-        password,
-        mechanism: ha.mechanism.clone(),
-        heartbeat: ha.link_heartbeat_interval,
-        timeout: ha.link_heartbeat_interval.max(Duration::from_secs(2)),
-        client_properties: props,
-    }
+    HaReplication::settings(broker).link_settings(addr, "qpidd-rs ha backup link", admin)
 }
 
 fn config_arguments(broker: &Broker, own: Option<String>) -> FieldTable {

@@ -240,7 +240,7 @@ impl HaReplication {
         self.runtime.spawn(replica.run(tx));
     }
 
-    fn settings(broker: &Broker) -> ReplicaSettings {
+    pub(crate) fn settings(broker: &Broker) -> ReplicaSettings {
         let ha = &broker.config.ha;
         ReplicaSettings {
             username: ha.username.clone(),

@@ -90,6 +90,36 @@ pub struct ReplicaSettings {
     pub cluster: bool,
 }
 
+impl ReplicaSettings {
+    /// The settings of a link to `addr`: its credentials if it has some, else `--ha-username`
+    /// and `--ha-password`, else guest; `admin` adds the `qpid.ha-admin` client property.
+    pub fn link_settings(&self, addr: &Address, product: &str, admin: bool) -> LinkSettings {
+        let (username, password) = match &addr.credentials {
+            Some((u, p)) => (u.clone(), p.clone()),
+            None if !self.username.is_empty() => (self.username.clone(), self.password.clone()),
+            None => ("guest".into(), "guest".into()),
+        };
+        let mut props = FieldTable::default();
+        props.insert(
+            "product".into(),
+            AMQPValue::LongString(LongString::from(product)),
+        );
+        if admin {
+            props.insert("qpid.ha-admin".into(), AMQPValue::LongString("1".into()));
+        }
+        LinkSettings {
+            host: addr.host.clone(),
+            port: addr.port,
+            username,
+            password,
+            mechanism: self.mechanism.clone(),
+            heartbeat: self.heartbeat,
+            timeout: self.heartbeat.max(Duration::from_secs(2)),
+            client_properties: props,
+        }
+    }
+}
+
 /// How the first attempt ended, for `replicate`.
 pub type FirstOutcome = Result<(), MgmtError>;
 
@@ -351,26 +381,7 @@ impl Replica {
         first: &mut Option<oneshot::Sender<FirstOutcome>>,
     ) -> Ended {
         let s = &self.settings;
-        let (username, password) = match &addr.credentials {
-            Some((u, p)) => (u.clone(), p.clone()),
-            None if !s.username.is_empty() => (s.username.clone(), s.password.clone()),
-            None => ("guest".into(), "guest".into()),
-        };
-        let mut props = FieldTable::default();
-        props.insert(
-            "product".into(),
-            AMQPValue::LongString(LongString::from("qpidd-rs ha link")),
-        );
-        let settings = LinkSettings {
-            host: addr.host.clone(),
-            port: addr.port,
-            username,
-            password,
-            mechanism: s.mechanism.clone(),
-            heartbeat: s.heartbeat,
-            timeout: s.heartbeat.max(Duration::from_secs(2)),
-            client_properties: props,
-        };
+        let settings = s.link_settings(addr, "qpidd-rs ha link", false);
         let mut link = match Link::connect(&settings).await {
             Ok(l) => l,
             Err(e @ (LinkError::Io(_) | LinkError::Timeout("TCP connect"))) => {
