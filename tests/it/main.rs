@@ -7,6 +7,7 @@ mod t110_cluster;
 mod t111_cluster_scripts;
 mod t112_cluster_catalogue;
 mod t113_cluster_catalogue_more;
+mod t114_cluster_hold_and_loop;
 mod t20_exchanges;
 mod t30_queues;
 mod t40_basic;

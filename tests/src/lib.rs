@@ -574,6 +574,30 @@ impl TestBroker {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{name} {} failed", self.child.id());
+        // A stop takes effect thread by thread: wait until every thread is stopped (or, for a
+        // continue, none is), so that what the test does next happens to a frozen (or running)
+        // process.
+        let frozen = match name {
+            "STOP" => true,
+            "CONT" => false,
+            _ => return,
+        };
+        let pid = self.child.id();
+        let settled = wait_until(Duration::from_secs(10), || {
+            thread_states(pid).is_none_or(|states| {
+                !states.is_empty() && states.iter().all(|&s| (s == 'T') == frozen)
+            })
+        });
+        assert!(
+            settled,
+            "after kill -{name} {pid} the thread states are {:?}",
+            thread_states(pid)
+        );
+    }
+
+    /// Whether every thread of the process is stopped (`T` in `/proc/<pid>/task/*/stat`).
+    pub fn is_frozen(&self) -> bool {
+        thread_states(self.child.id()).is_some_and(|s| !s.is_empty() && s.iter().all(|&c| c == 'T'))
     }
 
     /// Waits for the process to exit, panicking after `deadline`.
@@ -619,6 +643,27 @@ impl Drop for TestBroker {
             );
         }
     }
+}
+
+/// The state letter of each thread of `pid` (`R`, `S`, `T`, ...), or None when the process is
+/// gone.
+fn thread_states(pid: u32) -> Option<Vec<char>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut states = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) S ...": the state follows the last ')'.
+        if let Some(state) = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.trim_start().chars().next())
+        {
+            states.push(state);
+        }
+    }
+    Some(states)
 }
 
 // ---- raw AMQP over a plain socket ---------------------------------------------------------
@@ -1288,19 +1333,21 @@ pub fn addr(b: &TestBroker) -> String {
 }
 
 /// One cluster member on `port` knowing the members `url`, with fast link maintenance
-/// (0.1 s) and heartbeats (1 s), plus `extra` arguments.
+/// (0.1 s) and heartbeats (1 s) unless `extra` sets them, plus `extra` arguments.
 pub fn member(port: u16, url: &str, extra: &[&str]) -> TestBroker {
-    TestBroker::builder()
-        .port(port)
-        .args(["--ha-cluster", "yes", "--ha-brokers-url", url])
-        .args([
-            "--link-maintenance-interval",
-            "0.1s",
-            "--link-heartbeat-interval",
-            "1s",
-        ])
-        .args(extra.iter().copied())
-        .start()
+    let mut b =
+        TestBroker::builder()
+            .port(port)
+            .args(["--ha-cluster", "yes", "--ha-brokers-url", url]);
+    for (name, value) in [
+        ("--link-maintenance-interval", "0.1s"),
+        ("--link-heartbeat-interval", "1s"),
+    ] {
+        if !extra.contains(&name) {
+            b = b.args([name, value]);
+        }
+    }
+    b.args(extra.iter().copied()).start()
 }
 
 /// `n` cluster members on fixed free ports, each knowing all of them, and their URL.

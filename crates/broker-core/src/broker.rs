@@ -156,6 +156,7 @@ impl Broker {
         } else {
             HaStatus::Standalone
         };
+        let system_id = config.system_id;
         Arc::new_cyclic(|me| {
             let mut exchanges = HashMap::new();
             for (name, kind) in PREDECLARED {
@@ -181,7 +182,7 @@ impl Broker {
                 message_memory_bytes: AtomicU64::new(0),
                 memory_alarm_on: AtomicBool::new(false),
                 memory_alarm: alarm,
-                mgmt: Management::default(),
+                mgmt: system_id.map_or_else(Management::default, Management::with_id),
                 config_lock: ReentrantMutex::new(()),
                 self_ref: me.clone(),
                 ha_module: std::sync::OnceLock::new(),
@@ -199,8 +200,8 @@ impl Broker {
         })
     }
 
-    /// The broker's system id: a uuid made when this broker (process) starts, shown as
-    /// `systemId` on the broker object and on the HA object.
+    /// The broker's system id: a uuid kept in the data directory (made at each start without
+    /// one), shown as `systemId` on the broker object and on the HA object.
     pub fn system_id(&self) -> uuid::Uuid {
         self.mgmt.broker_id()
     }

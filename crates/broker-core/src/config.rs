@@ -49,6 +49,8 @@ pub struct BrokerConfig {
     pub version: String,
     /// The HA settings (`--ha-*`).
     pub ha: HaConfig,
+    /// The system id kept in the data directory (`None`: a new one for this run).
+    pub system_id: Option<uuid::Uuid>,
 }
 
 /// `--ha-replicate`: the replication level for queues and exchanges declared without
@@ -101,6 +103,10 @@ pub struct HaConfig {
     pub flow_messages: u32,
     /// `--ha-flow-bytes` (0 = no limit).
     pub flow_bytes: u64,
+    /// `--ha-max-config-backlog`: the bytes of configuration events a backup may leave unread
+    /// (beyond the socket's buffers) before the primary drops its link; the backup reconnects
+    /// and reconciles.
+    pub max_config_backlog: u64,
     /// `--ha-min-backups`: while fewer backups are ready, confirms of publishes to queues at
     /// level `all` wait, and are nacks after `backup_timeout`.
     pub min_backups: u32,
@@ -131,6 +137,7 @@ impl Default for HaConfig {
             backup_timeout: Duration::from_secs(10),
             flow_messages: 1000,
             flow_bytes: 0,
+            max_config_backlog: 16 << 20,
             min_backups: 0,
             link_maintenance_interval: Duration::from_millis(500),
             link_heartbeat_interval: Duration::from_secs(5),
@@ -218,6 +225,7 @@ impl Default for BrokerConfig {
             queue_purge_interval: Duration::from_millis(500),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ha: HaConfig::default(),
+            system_id: None,
         }
     }
 }

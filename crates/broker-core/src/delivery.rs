@@ -45,6 +45,9 @@ pub struct Outbound {
     waiting_queues: Mutex<Vec<Weak<Queue>>>,
     /// A non-blocking write to the connection's socket, set by the I/O layer.
     try_write: OnceLock<TryWrite>,
+    /// Set by [`Outbound::abort`]: the connection must end now.
+    aborted: AtomicBool,
+    abort_notify: Notify,
 }
 
 /// A non-blocking write: how many bytes the socket took, `WouldBlock` when none.
@@ -249,6 +252,31 @@ impl Outbound {
     pub fn close(&self) {
         self.buf.lock().closing = true;
         self.notify.notify_one();
+    }
+
+    /// Ends the connection from the sending side (a peer that left too much unread): what is
+    /// queued is dropped, nothing more is appended, and [`Outbound::aborted`] completes, on
+    /// which the connection's reader hangs up.
+    pub fn abort(&self) {
+        self.mark_dead();
+        self.aborted.store(true, Ordering::Release);
+        self.abort_notify.notify_waiters();
+    }
+
+    /// Completes once [`Outbound::abort`] was called.
+    pub async fn aborted(&self) {
+        loop {
+            let notified = self.abort_notify.notified();
+            if self.aborted.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Bytes appended and not yet written to the socket.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes.load(Ordering::Relaxed)
     }
 
     /// The writer could not write: from now on appended bytes are discarded.

@@ -240,6 +240,10 @@ async fn read_loop(
                 }
                 return Ok(());
             }
+            _ = out.aborted() => {
+                tracing::warn!(target: "Network", "connection {}: dropped by the broker (see above)", conn.id);
+                return Ok(());
+            }
             _ = stop.changed(), if !stopping => {
                 stopping = true;
                 conn.close_connection(AmqpError::new(reply::CONNECTION_FORCED, "broker shutdown"), 0, 0);

@@ -5,7 +5,6 @@
 //! Format (text, one line): `qpidd-ha-epoch 1 <epoch> <system id>`.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 /// The file's name under the data directory.
@@ -37,15 +36,12 @@ pub fn load(dir: &Path) -> Result<u64, String> {
 /// Stores `epoch` durably.
 pub fn store(dir: &Path, epoch: u64, system_id: &str) -> Result<(), String> {
     let path = dir.join(FILE);
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        writeln!(f, "{MAGIC} {VERSION} {epoch} {system_id}")?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("cannot store the epoch in {}: {e}", path.display()))
+    broker_core::store::write_durably(
+        dir,
+        FILE,
+        &format!("{MAGIC} {VERSION} {epoch} {system_id}\n"),
+    )
+    .map_err(|e| format!("cannot store the epoch in {}: {e}", path.display()))
 }
 
 #[cfg(test)]

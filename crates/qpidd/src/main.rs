@@ -124,7 +124,11 @@ fn run(options: &Options, daemon_child: bool) -> anyhow::Result<()> {
     if memory.is_none() {
         tracing::warn!(target: "Broker", "Physical memory unknown: no memory high watermark");
     }
-    let config = options.broker_config(memory);
+    let mut config = options.broker_config(memory);
+    if let Some(dir) = &options.data_dir {
+        config.system_id =
+            Some(broker_core::store::system_id::load_or_create(dir).map_err(anyhow::Error::msg)?);
+    }
     tracing::debug!(target: "Broker", "Configuration: {config:?}");
     let users = load_users(options)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();

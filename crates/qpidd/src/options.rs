@@ -263,6 +263,8 @@ pub const OPTIONS: &[Spec] = &[
         "While fewer than N backups are ready, confirms of publishes to replicated queues wait, then are nacks after --ha-backup-timeout"),
     opt("ha-flow-bytes", None, size(0, u64::MAX), "BYTES", "0", HA,
         "Flow control byte limit for replication (0 = no limit)"),
+    opt("ha-max-config-backlog", None, size(65536, u64::MAX), "BYTES", "16MiB", HA,
+        "Configuration events a backup may leave unread before the primary drops its link (it reconnects and reconciles)"),
     opt("link-maintenance-interval", None, DUR_NZ, "DURATION", "0.5s", HA,
         "How soon a broken link is retried (doubling after failures, at most 4s)"),
     opt("link-heartbeat-interval", None, DUR_NZ, "DURATION", "5s", HA,
@@ -793,6 +795,8 @@ pub struct HaOptions {
     pub backup_timeout: Duration,
     pub flow_messages: u32,
     pub flow_bytes: u64,
+    /// `--ha-max-config-backlog`.
+    pub max_config_backlog: u64,
     /// `--ha-min-backups`.
     pub min_backups: u32,
     pub link_maintenance_interval: Duration,
@@ -1031,6 +1035,7 @@ fn from_values(values: &Values, env: &[(String, String)]) -> Result<Options, Opt
             backup_timeout: values.duration("ha-backup-timeout"),
             flow_messages: values.uint("ha-flow-messages") as u32,
             flow_bytes: values.size("ha-flow-bytes"),
+            max_config_backlog: values.size("ha-max-config-backlog"),
             min_backups: values.uint("ha-min-backups") as u32,
             link_maintenance_interval: values.duration("link-maintenance-interval"),
             link_heartbeat_interval: values.duration("link-heartbeat-interval"),
@@ -1091,6 +1096,7 @@ impl Options {
             queue_purge_interval: l.queue_purge_interval,
             version: env!("CARGO_PKG_VERSION").to_string(),
             ha: self.ha_config(),
+            system_id: None,
         }
     }
 
@@ -1113,6 +1119,7 @@ impl Options {
             backup_timeout: h.backup_timeout,
             flow_messages: h.flow_messages,
             flow_bytes: h.flow_bytes,
+            max_config_backlog: h.max_config_backlog,
             min_backups: h.min_backups,
             link_maintenance_interval: h.link_maintenance_interval,
             link_heartbeat_interval: h.link_heartbeat_interval,
@@ -1289,6 +1296,7 @@ mod tests {
             lib.link_maintenance_interval
         );
         assert_eq!(o.ha.ack_timeout, lib.ack_timeout);
+        assert_eq!(o.ha.max_config_backlog, lib.max_config_backlog);
     }
 
     #[test]

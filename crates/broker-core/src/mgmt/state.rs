@@ -67,6 +67,14 @@ impl Default for Management {
 }
 
 impl Management {
+    /// The agent of a broker whose system id is `broker_id`.
+    pub fn with_id(broker_id: uuid::Uuid) -> Management {
+        Management {
+            broker_id,
+            ..Management::default()
+        }
+    }
+
     /// The broker's id for this run.
     pub fn broker_id(&self) -> uuid::Uuid {
         self.broker_id

@@ -233,6 +233,13 @@ pub struct ConfigSubscription {
     broker: Weak<Broker>,
     next_tag: Mutex<u64>,
     last_members: Mutex<String>,
+    /// `--ha-max-config-backlog`.
+    max_backlog: usize,
+    /// Set once the link was dropped for its backlog.
+    dropped: std::sync::atomic::AtomicBool,
+    /// The size of the snapshot written at the start: the backlog limit counts events on top
+    /// of it (a backup still reading a large snapshot is not dropped for it).
+    snapshot_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl ConfigSubscription {
@@ -253,6 +260,9 @@ impl ConfigSubscription {
             broker: Arc::downgrade(broker),
             next_tag: Mutex::new(1),
             last_members: Mutex::new(String::new()),
+            max_backlog: usize::try_from(broker.config.ha.max_config_backlog).unwrap_or(usize::MAX),
+            dropped: Default::default(),
+            snapshot_bytes: Default::default(),
         });
         let init = json!({
             "version": PROTOCOL_VERSION,
@@ -290,6 +300,10 @@ impl ConfigSubscription {
             }
         }
         sub.write(config_event::BINDINGS, &Value::Array(bindings));
+        sub.snapshot_bytes.store(
+            sub.link.out.pending_bytes(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         sub
     }
 
@@ -366,6 +380,24 @@ impl ConfigSubscription {
     }
 
     fn write(&self, name: &str, body: &Value) {
+        // A backup that leaves this much unread (a stalled process whose heartbeats have not
+        // timed out yet, or a slow one) is dropped rather than buffered without bound: it
+        // reconnects and reconciles from a fresh snapshot, losing nothing.
+        if self.dropped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let pending = self.link.out.pending_bytes();
+        let snapshot = self
+            .snapshot_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if pending > self.max_backlog.saturating_add(snapshot) {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(target: "HA", "Primary: dropping backup {} ({}): {pending} bytes of configuration events unread, over --ha-max-config-backlog {}; it will reconnect and reconcile",
+                self.peer, self.system_id, self.max_backlog);
+            self.link.out.abort();
+            return;
+        }
         let body = body.to_string();
         let mut t = self.next_tag.lock();
         let tag = *t;
