@@ -83,6 +83,8 @@ pub struct Broker {
     status: StatusCell,
     /// Backups' configuration subscriptions (on a primary).
     config_subscriptions: Mutex<Vec<Weak<ConfigSubscription>>>,
+    /// The durable store (`--data-dir`), once recovered.
+    store: std::sync::OnceLock<Arc<crate::store::Store>>,
     /// Where clients should go instead of this backup (the primary, as the backup found it).
     primary_address: Mutex<Option<String>>,
     /// A recovering primary's guards for its expected backups.
@@ -189,6 +191,7 @@ impl Broker {
                 subscriptions: Mutex::new(Vec::new()),
                 status: StatusCell::new(initial_status),
                 config_subscriptions: Mutex::new(Vec::new()),
+                store: std::sync::OnceLock::new(),
                 primary_address: Mutex::new(None),
                 expected_guards: Mutex::new(Vec::new()),
                 expected_ids: Mutex::new(Vec::new()),
@@ -229,6 +232,9 @@ impl Broker {
                 all.iter().filter_map(Weak::upgrade).collect()
             }
         };
+        if let Some(store) = self.store.get() {
+            store.config_event(self, &event);
+        }
         for s in subs {
             s.event(&event);
         }
@@ -239,6 +245,21 @@ impl Broker {
             self.guard_for_expected(&q);
         }
         crate::mgmt::events::emit(self, event);
+    }
+
+    /// Installs the durable store (after it recovered into this broker).
+    pub fn set_store(&self, store: Arc<crate::store::Store>) {
+        let _ = self.store.set(store);
+    }
+
+    /// The durable store, if the broker has one.
+    pub fn store(&self) -> Option<&Arc<crate::store::Store>> {
+        self.store.get()
+    }
+
+    /// True while the store cannot write: persistent publishes to durable queues are nacks.
+    pub fn store_failed(&self) -> bool {
+        self.store.get().is_some_and(|s| s.failed())
     }
 
     /// The HA status.

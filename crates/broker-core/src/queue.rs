@@ -73,7 +73,7 @@ pub trait QueueObserver: Send + Sync + std::fmt::Debug {
     /// A message was added; `confirm` is the publish's confirm, which the observer may hold.
     fn enqueued(&self, queue: &Queue, entry: &QueuedMessage, confirm: Option<PendingConfirm<'_>>);
     /// A message left the queue for good.
-    fn dequeued(&self, queue: &Queue, id: u64, reason: DequeueReason);
+    fn dequeued(&self, queue: &Queue, entry: &QueuedMessage, reason: DequeueReason);
     /// The queue was deleted (its messages' dequeues, reason `Deleted`, come before).
     fn queue_deleted(&self, _queue: &Queue) {}
     /// True once the observer wants no more calls: it is dropped from the queue at the next
@@ -497,6 +497,40 @@ impl Queue {
         true
     }
 
+    /// Puts back a message recovered from the store, with its id, flagged redelivered (it may
+    /// have been delivered before the restart). No observer sees it.
+    pub fn restore(&self, id: u64, message: Message, expires_at_ms: u64) {
+        let mut st = self.state.lock();
+        if let Some(key) = &self.settings.last_value_key
+            && let Some(value) = last_value_of(&message, key)
+        {
+            st.last_value.insert(value, id);
+        }
+        let entry = QueuedMessage {
+            id,
+            message,
+            redelivered: true,
+            expires_at_ms,
+        };
+        st.next_id = st.next_id.max(id + 1);
+        st.ready_bytes += entry.message.body_size();
+        st.enqueued_total += 1;
+        if let Some(b) = self.broker.upgrade() {
+            b.memory_add(entry.message.memory_size());
+        }
+        st.ready.insert_sorted(entry);
+    }
+
+    /// The broker this queue belongs to (while it runs).
+    pub fn broker(&self) -> Option<Arc<crate::broker::Broker>> {
+        self.broker.upgrade()
+    }
+
+    /// Sets the incarnation (a queue recovered from the store keeps the one it had).
+    pub fn set_incarnation(&self, incarnation: uuid::Uuid) {
+        *self.incarnation.lock() = incarnation;
+    }
+
     /// Removes the replicated messages whose ids are in `ids` (ids it does not hold are
     /// ignored). Returns how many it removed.
     pub fn apply_dequeue(&self, ids: &IdRanges) -> u64 {
@@ -564,6 +598,13 @@ impl Queue {
         if self.is_deleted() {
             return EnqueueOutcome::Accepted;
         }
+        // The disk refuses writes: a persistent message cannot be made durable (a nack).
+        if self.durable
+            && message.persistent()
+            && self.broker.upgrade().is_some_and(|b| b.store_failed())
+        {
+            return EnqueueOutcome::Rejected;
+        }
         let size = message.body_size();
         let s = &self.settings;
         let over_count = s
@@ -628,7 +669,7 @@ impl Queue {
             st.last_value.remove(&v);
         }
         for o in &st.observers {
-            o.dequeued(self, e.id, reason);
+            o.dequeued(self, e, reason);
         }
         if let Some(b) = self.broker.upgrade() {
             b.memory_sub(e.message.memory_size());

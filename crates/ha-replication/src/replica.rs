@@ -185,6 +185,11 @@ impl Replica {
         })
     }
 
+    /// The broker's store, if it has one.
+    fn store(&self) -> Option<Arc<broker_core::store::Store>> {
+        self.queue.broker().and_then(|b| b.store().cloned())
+    }
+
     /// Sets the broker to tell when the replica definition changes.
     pub fn notify(&self, broker: &Arc<broker_core::broker::Broker>) {
         *self.broker.lock() = Some(Arc::downgrade(broker));
@@ -462,6 +467,7 @@ impl Replica {
             // The first data delivery without an `id` event before it has id 1.
             next_id: 1,
             last_tag: 0,
+            persisted: false,
             ended: None,
             first,
         };
@@ -479,6 +485,13 @@ impl Replica {
                 return failure(e, self.settings.cluster);
             }
             if apply.last_tag != 0 {
+                // A persistent message is acknowledged (which releases the publisher's
+                // confirm on the original) only once it is on this broker's disk too.
+                if std::mem::take(&mut apply.persisted)
+                    && let Some(synced) = self.store().and_then(|s| s.synced())
+                {
+                    let _ = synced.await;
+                }
                 link.ack(apply.last_tag, true);
                 apply.last_tag = 0;
                 if let Err(e) = link.flush().await {
@@ -527,6 +540,8 @@ struct Apply<'a> {
     replica: &'a Replica,
     next_id: u64,
     last_tag: u64,
+    /// A persistent message went to a durable queue in this batch.
+    persisted: bool,
     ended: Option<Ended>,
     first: &'a mut Option<oneshot::Sender<FirstOutcome>>,
 }
@@ -557,6 +572,7 @@ impl Apply<'_> {
                 self.next_id += 1;
                 match Message::new(exchange, routing_key, raw_properties, body) {
                     Ok(m) => {
+                        self.persisted |= m.persistent() && self.replica.queue.durable;
                         if self.replica.queue.apply_enqueue(id, m, redelivered) {
                             self.replica.status.lock().applied_enqueues += 1;
                         }

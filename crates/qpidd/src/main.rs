@@ -201,6 +201,12 @@ async fn serve(
 
     let broker = Broker::new(config, users);
     broker.mgmt.set_log_control(Arc::new(log.clone()));
+    if let Some(dir) = &options.data_dir {
+        let store = broker_core::store::Store::open(&broker, dir, options.store)
+            .map_err(anyhow::Error::msg)?;
+        broker.set_store(store);
+    }
+    let store = broker.store().cloned();
     if broker.config.ha.enabled() {
         let ha = ha_replication::HaReplication::new(tokio::runtime::Handle::current());
         broker.set_ha_module(ha.clone());
@@ -210,6 +216,10 @@ async fn serve(
     server::run(broker, listeners, shutdown)
         .await
         .context("the broker stopped on an error")?;
+    // The last round (the dequeues of the last acks) is on disk before the process exits.
+    if let Some(store) = store {
+        store.shutdown();
+    }
     tracing::info!(target: "Broker", notice = true, "Broker (pid={pid}) shut-down");
     if let Some(pidfile) = &pidfile {
         pidfile.remove();

@@ -189,6 +189,10 @@ pub const OPTIONS: &[Spec] = &[
     opt("no-data-dir", None, BOOL, "", "no", GEN, "Use no data directory (nothing is kept)"),
     opt("auth", None, BOOL, "yes|no", "yes", GEN,
         "Require authentication; with no, every connection is trusted (tags admin and ha)"),
+    opt("store-segment-size", None, size(65536, 1 << 40), "BYTES", "16MiB", GEN,
+        "Size of the message journal's segment files under <data-dir>/store (disk is reclaimed a segment at a time)"),
+    opt("store-skip-damaged", None, BOOL, "yes|no", "no", GEN,
+        "Start even if the store has a damaged record (logged; what follows it in that file is lost)"),
     opt("worker-threads", None, uint(0, 1024), "N", "0", GEN,
         "Threads serving connections (0 = one per CPU)"),
 
@@ -835,6 +839,8 @@ pub struct Options {
     pub interfaces: Vec<String>,
     /// `--data-dir`, or `None` with `--no-data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--store-segment-size` and `--store-skip-damaged`.
+    pub store: broker_core::store::StoreOptions,
     pub auth: bool,
     /// 0 = one per CPU.
     pub worker_threads: usize,
@@ -992,6 +998,10 @@ fn from_values(values: &Values, env: &[(String, String)]) -> Result<Options, Opt
             .map(|s| s.value)
             .collect(),
         data_dir: (!values.bool("no-data-dir")).then_some(data_dir_path),
+        store: broker_core::store::StoreOptions {
+            segment_size: values.size("store-segment-size"),
+            skip_damaged: values.bool("store-skip-damaged"),
+        },
         auth: values.bool("auth"),
         worker_threads: values.uint("worker-threads") as usize,
         log: LogOptions {

@@ -195,7 +195,7 @@ pub fn describe_exchange(e: &Exchange) -> Value {
     })
 }
 
-fn describe_binding(exchange: &str, queue: &str, key: &str, arguments: &FieldTable) -> Value {
+pub fn describe_binding(exchange: &str, queue: &str, key: &str, arguments: &FieldTable) -> Value {
     json!({
         "exchange": exchange,
         "queue": queue,
@@ -496,8 +496,13 @@ impl crate::queue::QueueObserver for ExpectedGuard {
         }
     }
 
-    fn dequeued(&self, _queue: &Queue, id: u64, _reason: crate::queue::DequeueReason) {
-        let hold = self.holds.lock().remove(&id);
+    fn dequeued(
+        &self,
+        _queue: &Queue,
+        entry: &crate::queue::QueuedMessage,
+        _reason: crate::queue::DequeueReason,
+    ) {
+        let hold = self.holds.lock().remove(&entry.id);
         drop(hold);
     }
 

@@ -604,7 +604,8 @@ impl QueueObserver for ReplicatingSubscription {
         self.pump(&mut st);
     }
 
-    fn dequeued(&self, _queue: &Queue, id: u64, reason: DequeueReason) {
+    fn dequeued(&self, _queue: &Queue, entry: &QueuedMessage, reason: DequeueReason) {
+        let id = entry.id;
         if reason == DequeueReason::Deleted {
             return; // the replica keeps its messages when the original goes
         }

@@ -1,7 +1,12 @@
-//! Everything the broker keeps on disk: the users file and the system id.
+//! Everything the broker keeps on disk: the users file, the system id, and the durable store
+//! (`docs/design/store.md`).
 
+pub mod engine;
+pub mod journal;
 pub mod system_id;
 pub mod users_file;
+
+pub use engine::{Store, StoreOptions};
 
 use std::io::Write;
 use std::path::Path;
