@@ -399,6 +399,9 @@ impl Broker {
             return;
         };
         let _config = self.config_guard();
+        if let Some(store) = self.store() {
+            store.queue_changed(self, &q);
+        }
         for c in self.config_subscriptions() {
             c.queue_changed(&q);
         }

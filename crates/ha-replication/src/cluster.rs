@@ -279,6 +279,13 @@ fn apply(
                     delete_local(module, broker, &r.queue.name);
                 }
             }
+            // So do durable queues this broker's store recovered that the primary does not
+            // have (clients cannot make durable queues on a backup).
+            for q in broker.queues() {
+                if q.durable && !q.exclusive && !names.contains(&q.name) {
+                    delete_local(module, broker, &q.name);
+                }
+            }
             for q in &list {
                 declare_local(module, broker, q)?;
             }
@@ -325,6 +332,15 @@ fn apply(
                 .collect();
             for name in stale {
                 delete_exchange_local(module, broker, &name);
+            }
+            // Durable exchanges recovered from this broker's store that the primary lacks.
+            for e in broker.exchanges() {
+                if e.durable
+                    && !broker_core::broker::is_predeclared_exchange(&e.name)
+                    && !names.contains(&e.name.as_str())
+                {
+                    delete_exchange_local(module, broker, &e.name);
+                }
             }
             for e in &list {
                 declare_exchange_local(module, broker, e)?;
@@ -435,6 +451,22 @@ fn declare_local(
         && existing.incarnation().as_deref() == Some(incarnation.as_str())
     {
         return Ok(()); // the same queue, already followed
+    }
+    // A copy this broker's store recovered from the same incarnation of the primary's queue:
+    // kept with its messages, and the replica re-subscribes with their ids (reference 4.13).
+    if module.replica(name).is_none()
+        && broker.queue(name).is_some()
+        && broker
+            .store()
+            .and_then(|s| s.recovered_queue(name))
+            .and_then(|r| r.get("origin").and_then(Value::as_str).map(str::to_string))
+            .is_some_and(|origin| origin == incarnation)
+    {
+        tracing::info!(target: "HA", "backup: keeping the stored copy of queue '{name}' (same incarnation {incarnation})");
+        if level == ReplicateLevel::All {
+            module.start_cluster_replica(broker, name);
+        }
+        return Ok(());
     }
     let arguments = match q.get("arguments") {
         Some(Value::Object(m)) => broker_core::mgmt::json::to_table(m).map_err(|e| e.text)?,

@@ -76,6 +76,7 @@ impl HaReplication {
         data_dir: Option<&std::path::Path>,
     ) -> Result<(), String> {
         if !broker.config.ha.cluster {
+            self.resume_stored_replicas(broker);
             return Ok(());
         }
         if let Some(dir) = data_dir {
@@ -240,6 +241,68 @@ impl HaReplication {
         self.runtime.spawn(replica.run(tx));
     }
 
+    /// Makes `q` a replica of `original` and starts its link; the receiver says how the first
+    /// attempt went.
+    fn follow(
+        &self,
+        broker: &Arc<Broker>,
+        q: &Arc<broker_core::queue::Queue>,
+        original: &str,
+        addresses: Vec<address::Address>,
+        incarnation: Option<String>,
+    ) -> (
+        Arc<Replica>,
+        tokio::sync::oneshot::Receiver<replica::FirstOutcome>,
+    ) {
+        let queue = q.name.as_str();
+        q.set_replica_of(Some(format!("'{queue}' on {original}")));
+        let replica = Replica::new(
+            q.clone(),
+            original.to_string(),
+            addresses,
+            Self::settings(broker),
+            incarnation,
+        );
+        replica.notify(broker);
+        self.replicas
+            .lock()
+            .insert(queue.to_string(), replica.clone());
+        broker.replica_definition_changed(queue);
+        tracing::info!(target: "HA", "queue '{queue}': replicating from {original}");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(replica.clone().run(tx));
+        (replica, rx)
+    }
+
+    /// Resumes the replica queues the store recovered with their definition (a restarted
+    /// standalone replica broker goes on replicating by itself, with the ids it holds).
+    fn resume_stored_replicas(&self, broker: &Arc<Broker>) {
+        let Some(store) = broker.store() else {
+            return;
+        };
+        for (name, definition) in store.recovered_replicas() {
+            let Some(q) = broker.queue(&name) else {
+                continue;
+            };
+            let Some(original) = definition.get("original").and_then(|v| v.as_str()) else {
+                continue;
+            };
+            let addresses = match address::parse_list(original) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(target: "HA", "queue '{name}': stored replica definition has a bad address: {e}");
+                    continue;
+                }
+            };
+            let incarnation = definition
+                .get("incarnation")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            tracing::info!(target: "HA", "queue '{name}': resuming replication from {original} with the {} messages stored", q.lock().message_count());
+            let _ = self.follow(broker, &q, original, addresses, incarnation);
+        }
+    }
+
     pub(crate) fn settings(broker: &Broker) -> ReplicaSettings {
         let ha = &broker.config.ha;
         ReplicaSettings {
@@ -310,22 +373,7 @@ impl HaModule for HaReplication {
                 )));
             }
         }
-        q.set_replica_of(Some(format!("'{queue}' on {original}")));
-        let replica = Replica::new(
-            q.clone(),
-            original.to_string(),
-            addresses,
-            Self::settings(broker),
-            incarnation,
-        );
-        replica.notify(broker);
-        self.replicas
-            .lock()
-            .insert(queue.to_string(), replica.clone());
-        broker.replica_definition_changed(queue);
-        tracing::info!(target: "HA", "queue '{queue}': replicating from {original}");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.runtime.spawn(replica.clone().run(tx));
+        let (replica, rx) = self.follow(broker, &q, original, addresses, incarnation);
         let name = queue.to_string();
         let original = original.to_string();
         let module = self.me.clone();
@@ -357,6 +405,10 @@ impl HaModule for HaReplication {
                 }
             }
         });
+    }
+
+    fn replica_origin(&self, queue: &str) -> Option<String> {
+        self.replica(queue)?.incarnation()
     }
 
     fn detach(&self, broker: &Arc<Broker>, queue: &str) -> Result<(), MgmtError> {

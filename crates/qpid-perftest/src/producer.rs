@@ -124,7 +124,7 @@ async fn run(
             other => bail!("expected confirm.select-ok, got {other:?}"),
         }
         Some(Arc::new(Confirms {
-            tracker: Mutex::new(ConfirmTracker::new()),
+            tracker: Mutex::new(ConfirmTracker::with_latency()),
             notify: Notify::new(),
         }))
     } else {
@@ -148,7 +148,7 @@ async fn run(
     let RawConn {
         reader, mut writer, ..
     } = conn;
-    let reader_task = tokio::spawn(read_confirms(reader, confirms.clone()));
+    let reader_task = tokio::spawn(read_confirms(reader, confirms.clone(), shared.base));
 
     let per_batch = (plan.batch_bytes / template.len()).max(1) as u64;
     let mut buf = Vec::with_capacity(per_batch as usize * template.len());
@@ -204,6 +204,10 @@ async fn run(
             n = n.min(due - seq);
         }
         buf.clear();
+        // Publish-to-confirm latency counts from the same time as the stamp: the scheduled
+        // send time at a fixed rate (open loop), else the time the batch is built.
+        let measuring = shared.phase() == Phase::Measure;
+        let mut tracker = confirms.as_ref().map(|c| c.tracker.lock());
         for k in seq..seq + n {
             let ts = if plan.rate > 0.0 {
                 t0 + (k as f64 * interval_ns) as u64
@@ -211,10 +215,11 @@ async fn run(
                 now
             };
             template.append(&mut buf, ts, k as u32);
+            if let Some(t) = &mut tracker {
+                t.published_at(ts, measuring);
+            }
         }
-        if let Some(c) = &confirms {
-            c.tracker.lock().published(n);
-        }
+        drop(tracker);
         if let Err(e) = writer.write_all(&buf).await {
             failed = Some(anyhow::Error::from(e).context("writing publishes"));
             // The batch may be partly written: count it, its tail is reported lost/unconfirmed.
@@ -273,6 +278,7 @@ async fn run(
 async fn read_confirms(
     mut reader: FrameReader<OwnedReadHalf>,
     confirms: Option<Arc<Confirms>>,
+    base: std::time::Instant,
 ) -> anyhow::Result<()> {
     loop {
         let mut settled = false;
@@ -287,9 +293,10 @@ async fn read_confirms(
                     let Some(c) = &confirms else {
                         bail!("confirm received without confirm.select")
                     };
+                    let now_ns = base.elapsed().as_nanos() as u64;
                     c.tracker
                         .lock()
-                        .settle(tag, multiple, ids == Some(BASIC_NACK));
+                        .settle_at(tag, multiple, ids == Some(BASIC_NACK), now_ns);
                     settled = true;
                 }
                 Some((10, 51)) => return Ok(()), // connection.close-ok

@@ -121,6 +121,9 @@ pub struct Report {
     pub foreign: u64,
     /// Merged end-to-end latency.
     pub latency: Option<Latency>,
+    /// Merged publish-to-confirm latency (raw client with confirms), publishes sent in the
+    /// measurement window.
+    pub confirm_latency: Option<Latency>,
     /// Backlog trend.
     pub backlog: Backlog,
     /// CPU seconds of this tool in the window.
@@ -199,6 +202,10 @@ impl Report {
                 "count": l.count, "min": l.min, "p50": l.p50, "p90": l.p90, "p95": l.p95,
                 "p99": l.p99, "p99_9": l.p999, "max": l.max,
             })),
+            "confirm_latency_us": self.confirm_latency.map(|l| json!({
+                "count": l.count, "min": l.min, "p50": l.p50, "p90": l.p90, "p95": l.p95,
+                "p99": l.p99, "p99_9": l.p999, "max": l.max,
+            })),
             "backlog": {
                 "start": self.backlog.start, "end": self.backlog.end, "max": self.backlog.max,
                 "slope_per_s": self.backlog.slope, "growth": self.backlog.growth,
@@ -231,6 +238,13 @@ impl Report {
             s += &format!(
                 "latency µs ({} msgs): min {:.1} p50 {:.1} p90 {:.1} p95 {:.1} p99 {:.1} \
                  p99.9 {:.1} max {:.1}\n",
+                l.count, l.min, l.p50, l.p90, l.p95, l.p99, l.p999, l.max
+            );
+        }
+        if let Some(l) = self.confirm_latency {
+            s += &format!(
+                "publish-to-confirm µs ({} msgs): min {:.1} p50 {:.1} p90 {:.1} p95 {:.1} \
+                 p99 {:.1} p99.9 {:.1} max {:.1}\n",
                 l.count, l.min, l.p50, l.p90, l.p95, l.p99, l.p999, l.max
             );
         }

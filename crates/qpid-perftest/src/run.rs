@@ -19,7 +19,7 @@ use crate::raw_conn::Target;
 use crate::report::{Backlog, Latency, Report};
 use crate::setup::Setup;
 use crate::shared::{Phase, Shared};
-use crate::tracking::{Receipts, Sent, account};
+use crate::tracking::{ConfirmTracker, Receipts, Sent, account};
 
 /// A producer or consumer: an OS thread (raw) or a tokio task (lapin).
 enum Worker<T> {
@@ -259,8 +259,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         foreign += c.foreign;
         errors.extend(c.error.clone());
     }
+    let mut confirm_latency = new_histogram();
     for p in &producer_results {
         errors.extend(p.error.clone());
+        if let Some(h) = p.confirms.as_ref().and_then(ConfirmTracker::latency) {
+            confirm_latency
+                .add(h)
+                .context("merging confirm histograms")?;
+        }
     }
     let sent: Vec<Sent<'_>> = producer_results
         .iter()
@@ -363,6 +369,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         redelivered,
         foreign,
         latency: Latency::from_histogram(&latency),
+        confirm_latency: Latency::from_histogram(&confirm_latency),
         backlog,
         tool_cpu_s,
         broker_cpu_s,

@@ -111,6 +111,19 @@ pub struct ConfirmTracker {
     outstanding: u64,
     /// Acks for tags never published or settled twice (a broker bug).
     pub bogus: u64,
+    /// Publish-to-confirm latency, when enabled with [`ConfirmTracker::with_latency`].
+    latency: Option<ConfirmLatency>,
+}
+
+/// Send times of the unsettled publishes and the histogram of publish-to-confirm latencies.
+#[derive(Debug, Clone)]
+struct ConfirmLatency {
+    /// Send time (ns) of tags `first..`, None for a publish outside the measurement window.
+    sent_ns: std::collections::VecDeque<Option<u64>>,
+    /// Tag of `sent_ns[0]`.
+    first: u64,
+    /// Nanoseconds from the send to the broker's basic.ack, of acked measured publishes.
+    hist: hdrhistogram::Histogram<u64>,
 }
 
 impl ConfirmTracker {
@@ -122,10 +135,66 @@ impl ConfirmTracker {
         }
     }
 
+    /// A tracker that also records publish-to-confirm latency: publishes are then noted with
+    /// [`ConfirmTracker::published_at`] and acks applied with [`ConfirmTracker::settle_at`].
+    pub fn with_latency() -> Self {
+        ConfirmTracker {
+            latency: Some(ConfirmLatency {
+                sent_ns: std::collections::VecDeque::new(),
+                first: 1,
+                hist: crate::consumer::new_histogram(),
+            }),
+            ..ConfirmTracker::new()
+        }
+    }
+
     /// Notes `n` more publishes.
     pub fn published(&mut self, n: u64) {
         self.published += n;
         self.outstanding += n;
+        if let Some(l) = &mut self.latency {
+            l.sent_ns.extend(std::iter::repeat_n(None, n as usize));
+        }
+    }
+
+    /// Notes one more publish sent at `sent_ns`; `measured` says whether its confirm latency
+    /// counts (inside the measurement window).
+    pub fn published_at(&mut self, sent_ns: u64, measured: bool) {
+        self.published += 1;
+        self.outstanding += 1;
+        if let Some(l) = &mut self.latency {
+            l.sent_ns.push_back(measured.then_some(sent_ns));
+        }
+    }
+
+    /// Publish-to-confirm latencies recorded so far (None when not enabled).
+    pub fn latency(&self) -> Option<&hdrhistogram::Histogram<u64>> {
+        self.latency.as_ref().map(|l| &l.hist)
+    }
+
+    /// [`ConfirmTracker::settle`], received at `now_ns`: each newly acked measured publish
+    /// adds `now_ns - its send time` to the latency histogram.
+    pub fn settle_at(&mut self, tag: u64, multiple: bool, nack: bool, now_ns: u64) {
+        if !nack
+            && tag >= 1
+            && tag <= self.published
+            && let Some(l) = &mut self.latency
+        {
+            let from = if multiple { self.low } else { tag };
+            for t in from..=tag {
+                if self.acked.get(t) || self.nacked.get(t) {
+                    continue;
+                }
+                if let Some(slot) = t
+                    .checked_sub(l.first)
+                    .and_then(|i| l.sent_ns.get_mut(i as usize))
+                    && let Some(sent) = slot.take()
+                {
+                    let _ = l.hist.record(now_ns.saturating_sub(sent).max(1));
+                }
+            }
+        }
+        self.settle(tag, multiple, nack);
     }
 
     /// Messages published so far.
@@ -162,6 +231,11 @@ impl ConfirmTracker {
         while self.low <= self.published && (self.acked.get(self.low) || self.nacked.get(self.low))
         {
             self.low += 1;
+        }
+        if let Some(l) = &mut self.latency {
+            while l.first < self.low && l.sent_ns.pop_front().is_some() {
+                l.first += 1;
+            }
         }
     }
 
@@ -287,6 +361,33 @@ mod tests {
         t.settle(8, false, false); // twice
         assert_eq!(t.bogus, 2);
         assert_eq!(t.outstanding(), 2);
+    }
+
+    #[test]
+    fn confirm_latency_from_send_to_ack() {
+        let mut t = ConfirmTracker::with_latency();
+        t.published_at(1_000, false); // tag 1: warm-up, not measured
+        t.published_at(2_000, true); // tag 2
+        t.published_at(3_000, true); // tag 3
+        t.published_at(4_000, true); // tag 4
+        t.published_at(5_000, true); // tag 5
+        t.settle_at(3, false, false, 10_000); // single, out of order: 7 µs
+        t.settle_at(3, true, false, 20_000); // 1..=3: tag 2 at 18 µs (3 is settled already)
+        t.settle_at(4, false, true, 30_000); // nack: no latency
+        t.settle_at(5, true, false, 45_000); // 5 at 40 µs
+        let h = t.latency().unwrap();
+        assert_eq!(h.len(), 3);
+        assert!(h.equivalent(h.min(), 7_000));
+        assert!(h.equivalent(h.max(), 40_000));
+        assert_eq!(t.outstanding(), 0);
+        assert_eq!(t.nacked(), 1);
+        // Settled publishes are forgotten; later tags still find their send times.
+        assert_eq!(t.latency.as_ref().unwrap().sent_ns.len(), 0);
+        t.published(2); // tags 6, 7 without times
+        t.published_at(50_000, true); // tag 8
+        t.settle_at(8, true, false, 51_000);
+        assert_eq!(t.latency().unwrap().len(), 4);
+        assert!(ConfirmTracker::new().latency().is_none());
     }
 
     #[test]

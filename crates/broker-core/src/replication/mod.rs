@@ -88,6 +88,11 @@ pub trait HaModule: Send + Sync + std::fmt::Debug {
     fn members(&self, broker: &Broker) -> serde_json::Value;
     /// The replica definition of `queue` when it replicates a queue of another broker
     /// (standalone replication, not a cluster backup's copy): `{"original", "incarnation"}`.
+    /// The incarnation of the original a replica queue follows (cluster backups' replicas
+    /// too), once known: the store keeps it so a restarted broker can keep its copy.
+    fn replica_origin(&self, _queue: &str) -> Option<String> {
+        None
+    }
     fn replica_definition(&self, queue: &str) -> Option<serde_json::Value>;
     /// One JSON object per replica queue, for `qpid-ha query`.
     fn replica_rows(&self) -> Vec<serde_json::Value>;

@@ -85,6 +85,9 @@ pub struct Store {
     next_key: AtomicU64,
     queues: Mutex<HashMap<String, u64>>,
     exchanges: Mutex<HashSet<String>>,
+    /// The records of the queues recovered at start, until each one's first change: their
+    /// replica definition and origin stay stored until the HA module takes them up.
+    recovered: Mutex<HashMap<String, Value>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Wall-clock milliseconds at the broker's time 0 (expiry times are kept in wall-clock).
     wall_base_ms: u64,
@@ -218,6 +221,7 @@ impl Store {
             next_key: AtomicU64::new(model.next_key),
             queues: Mutex::new(HashMap::new()),
             exchanges: Mutex::new(HashSet::new()),
+            recovered: Mutex::new(HashMap::new()),
             writer: Mutex::new(None),
             wall_base_ms,
         });
@@ -289,9 +293,8 @@ impl Store {
                 let key = self.next_key.fetch_add(1, Ordering::Relaxed);
                 self.queues.lock().insert(q.name.clone(), key);
                 self.attach(q, key);
-                let mut d = describe_queue(broker, q);
-                d["key"] = json!(key);
-                Some((REC_QUEUE, d))
+                self.recovered.lock().remove(&q.name);
+                Some((REC_QUEUE, self.describe(broker, q, key)))
             }
             Event::QueueDelete(name) => self
                 .queues
@@ -323,6 +326,53 @@ impl Store {
         if let Some((kind, body)) = record {
             self.write_config(broker, kind, &body);
         }
+    }
+
+    /// A durable queue's replica definition or origin changed: recorded again.
+    pub fn queue_changed(&self, broker: &Broker, q: &Queue) {
+        self.recovered.lock().remove(&q.name);
+        let key = self.queues.lock().get(&q.name).copied();
+        if let Some(key) = key {
+            let d = self.describe(broker, q, key);
+            self.write_config(broker, REC_QUEUE, &d);
+        }
+    }
+
+    /// The stored record of a queue recovered at start, while nothing has changed it since.
+    pub fn recovered_queue(&self, name: &str) -> Option<Value> {
+        self.recovered.lock().get(name).cloned()
+    }
+
+    /// The queues recovered at start with a replica definition (`replica-of`) still stored.
+    pub fn recovered_replicas(&self) -> Vec<(String, Value)> {
+        self.recovered
+            .lock()
+            .iter()
+            .filter_map(|(n, v)| {
+                v.get("replica-of")
+                    .filter(|d| d.is_object())
+                    .map(|d| (n.clone(), d.clone()))
+            })
+            .collect()
+    }
+
+    /// How a durable queue is recorded: as described to backups, plus its key and the
+    /// incarnation of the original it replicates (`origin`).
+    fn describe(&self, broker: &Broker, q: &Queue, key: u64) -> Value {
+        let mut d = describe_queue(broker, q);
+        d["key"] = json!(key);
+        let origin = broker.ha_module().and_then(|m| m.replica_origin(&q.name));
+        match (origin, self.recovered.lock().get(&q.name)) {
+            (Some(o), _) => d["origin"] = json!(o),
+            (None, Some(r)) => {
+                d["origin"] = r.get("origin").cloned().unwrap_or(Value::Null);
+                if d["replica-of"].is_null() {
+                    d["replica-of"] = r.get("replica-of").cloned().unwrap_or(Value::Null);
+                }
+            }
+            (None, None) => {}
+        }
+        d
     }
 
     fn binding_is_durable(&self, exchange: &str, queue: &str) -> bool {
@@ -382,9 +432,7 @@ impl Store {
         }
         for q in broker.queues() {
             if let Some(key) = queues.get(&q.name) {
-                let mut d = describe_queue(broker, &q);
-                d["key"] = json!(key);
-                let text = d.to_string();
+                let text = self.describe(broker, &q, *key).to_string();
                 journal::append_record(&mut out, REC_QUEUE, |o| {
                     o.extend_from_slice(text.as_bytes())
                 });
@@ -473,6 +521,7 @@ impl Store {
                 queue.set_incarnation(i);
             }
             self.queues.lock().insert(name.clone(), *key);
+            self.recovered.lock().insert(name.clone(), q.clone());
             let j = self.attach(&queue, *key);
             let Some(msgs) = messages.by_key.remove(key) else {
                 continue;

@@ -1,0 +1,385 @@
+//! The store with replication and clusters (issue 6, `docs/design/store.md` section 7,
+//! reference 4.13): a restarted standalone replica broker resumes replicating by itself with
+//! the ids it stored; a non-durable replica queue does not come back; a restarted backup keeps
+//! its stored copy of a queue of the same incarnation and catches up only what it lacks; a
+//! one-member cluster recovers from its store (`test_store_recovery`).
+
+use std::time::Duration;
+
+use integration_tests::{
+    TempDir, TestBroker, addr, admin, channel, eventually, free_port, loopback_url, message_count,
+    promote, qpid_ha, status, wait_status, within,
+};
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use serde_json::Value;
+
+const FOLLOW: Duration = Duration::from_secs(15);
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+async fn durable(ch: &lapin::Channel, name: &str) {
+    within(
+        "queue.declare",
+        ch.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare {name}: {e:?}"));
+}
+
+async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
+    let ch = channel(conn).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch
+}
+
+/// Publishes `m<from>..m<to>` persistent, each confirmed with an ack.
+async fn publish_range(ch: &lapin::Channel, queue: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        let confirm = within(
+            "basic.publish",
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                persistent(),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(
+            within("confirm", confirm).await.unwrap().is_ack(),
+            "m{i} nacked"
+        );
+    }
+}
+
+async fn count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    message_count(conn, queue).await.ok()
+}
+
+async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
+    let ok = eventually(FOLLOW, || async { count(conn, queue).await == Some(n) }).await;
+    assert!(
+        ok,
+        "'{queue}' holds {:?}, expected {n}",
+        count(conn, queue).await
+    );
+}
+
+/// Every body of `queue`, in order (basic.get + ack).
+async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+fn names(range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+fn replica_rows(b: &TestBroker) -> Vec<Value> {
+    let r = qpid_ha(&["query", "--json", "-b", &addr(b)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    v["brokers"][0]["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn wait_replica_ready(b: &TestBroker, queue: &str) {
+    let ok = eventually(FOLLOW, || async {
+        replica_rows(b)
+            .iter()
+            .any(|r| r["queue"] == queue && r["state"] == "ready")
+    })
+    .await;
+    assert!(ok, "replica '{queue}' not ready: {:?}", replica_rows(b));
+}
+
+fn ha_broker(dir: &TempDir, port: u16) -> TestBroker {
+    TestBroker::builder()
+        .port(port)
+        .data_dir(dir.path())
+        .args([
+            "--ha-queue-replication",
+            "yes",
+            "--link-maintenance-interval",
+            "0.1s",
+        ])
+        .start()
+}
+
+/// A standalone replica broker restarted (clean, then kill -9) goes on replicating its durable
+/// replica queue by itself, with the messages it stored: it is `ready` again, holds exactly
+/// what the original holds (what was published while it was down included, nothing twice),
+/// and still refuses local publishes (it is still a replica).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_replica_broker_resumes_replicating_with_what_it_stored() {
+    let (od, rd) = (TempDir::new("orig"), TempDir::new("repl"));
+    let (op, rp) = (free_port(), free_port());
+    let original = ha_broker(&od, op);
+    let mut replica = ha_broker(&rd, rp);
+    let oc = original.connect().await;
+    let och = confirming(&oc).await;
+    durable(&och, "rq").await;
+    durable(&channel(&replica.connect().await).await, "rq").await;
+    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "rq"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    publish_range(&och, "rq", 0..20).await;
+    wait_replica_ready(&replica, "rq").await;
+    wait_count(&admin(&replica).await, "rq", 20).await;
+
+    for (round, signal) in [(1u32, "TERM"), (2, "KILL")] {
+        replica.signal(signal);
+        replica.wait_exit(Duration::from_secs(10));
+        // Published while the replica is down: it must catch these up, and only these.
+        publish_range(&och, "rq", 20 * round..20 * round + 20).await;
+        replica = ha_broker(&rd, rp);
+        wait_replica_ready(&replica, "rq").await;
+        let n = 20 * round + 20;
+        wait_count(&admin(&replica).await, "rq", n).await;
+        assert!(
+            replica.log().contains("resuming replication"),
+            "round {round}:\n{}",
+            replica.log()
+        );
+    }
+    // Still a replica: a local basic.get is refused with 405.
+    let rc = replica.connect().await;
+    let text = integration_tests::expect_code(
+        channel(&rc)
+            .await
+            .basic_get("rq".into(), BasicGetOptions::default())
+            .await,
+        405,
+    );
+    assert!(text.contains("replica"), "{text}");
+    // Consumed on the original: the replica follows, and its copy is exactly the original's.
+    assert_eq!(drain(&och, "rq").await, names(0..60));
+    wait_count(&admin(&replica).await, "rq", 0).await;
+}
+
+/// A non-durable replica queue is not kept by the store: after a restart of the replica
+/// broker the queue is gone and nothing replicates it (the docs say so).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_durable_replica_queue_does_not_survive_a_restart() {
+    let (od, rd) = (TempDir::new("orig"), TempDir::new("repl"));
+    let (op, rp) = (free_port(), free_port());
+    let original = ha_broker(&od, op);
+    let mut replica = ha_broker(&rd, rp);
+    let oc = original.connect().await;
+    let och = confirming(&oc).await;
+    integration_tests::declare(&och, "tq", FieldTable::default()).await;
+    integration_tests::declare(
+        &channel(&replica.connect().await).await,
+        "tq",
+        FieldTable::default(),
+    )
+    .await;
+    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "tq"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    publish_range(&och, "tq", 0..5).await;
+    wait_replica_ready(&replica, "tq").await;
+    replica.stop();
+    replica.wait_exit(Duration::from_secs(10));
+    let replica = ha_broker(&rd, rp);
+    assert!(!integration_tests::queue_exists(&replica.connect().await, "tq").await);
+    assert!(
+        replica_rows(&replica).is_empty(),
+        "{:?}",
+        replica_rows(&replica)
+    );
+}
+
+fn cluster_member(dir: &TempDir, port: u16, url: &str) -> TestBroker {
+    TestBroker::builder()
+        .port(port)
+        .data_dir(dir.path())
+        .args([
+            "--ha-cluster",
+            "yes",
+            "--ha-brokers-url",
+            url,
+            "--ha-replicate",
+            "all",
+        ])
+        .args([
+            "--link-maintenance-interval",
+            "0.1s",
+            "--link-heartbeat-interval",
+            "1s",
+        ])
+        .start()
+}
+
+/// Reference 4.13 for a backup: a backup restarted with its store keeps its stored copy of a
+/// durable queue (same incarnation as the primary's: logged), catches up only what it lacks,
+/// and ends `ready` with exactly the primary's messages; after a failover to it, they are all
+/// there, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_backup_keeps_its_stored_copy_and_catches_up_the_rest() {
+    let dirs = [TempDir::new("m0"), TempDir::new("m1")];
+    let ports = [free_port(), free_port()];
+    let url = loopback_url(&ports);
+    let mut primary = cluster_member(&dirs[0], ports[0], &url);
+    let mut backup = cluster_member(&dirs[1], ports[1], &url);
+    promote(&primary);
+    wait_status(&backup, "ready").await;
+    let pc = primary.connect().await;
+    let pch = confirming(&pc).await;
+    durable(&pch, "bq").await;
+    publish_range(&pch, "bq", 0..30).await;
+    wait_count(&admin(&backup).await, "bq", 30).await;
+    backup.signal("KILL");
+    backup.wait_exit(Duration::from_secs(10));
+    publish_range(&pch, "bq", 30..40).await;
+    backup = cluster_member(&dirs[1], ports[1], &url);
+    wait_status(&backup, "ready").await;
+    wait_count(&admin(&backup).await, "bq", 40).await;
+    assert!(
+        backup
+            .log()
+            .contains("keeping the stored copy of queue 'bq'"),
+        "{}",
+        backup.log()
+    );
+    // Failover: the restarted backup serves everything, in order.
+    drop(pc);
+    primary.signal("KILL");
+    primary.wait_exit(Duration::from_secs(10));
+    promote(&backup);
+    wait_status(&backup, "active").await;
+    let nc = backup.connect().await;
+    assert_eq!(drain(&channel(&nc).await, "bq").await, names(0..40));
+}
+
+/// Reference `test_store_recovery`: a one-member cluster with a durable queue bound to a
+/// durable direct exchange and persistent messages (one consumed) is bounced and recovered from
+/// its store (promoted again); a backup added then copies it; the primary killed, the backup
+/// promoted has the data; bounced and promoted again, it still has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_member_cluster_recovers_from_its_store_and_a_new_backup_copies_it() {
+    let dirs = [TempDir::new("s0"), TempDir::new("s1")];
+    let ports = [free_port(), free_port()];
+    let url = loopback_url(&ports);
+    let mut first = cluster_member(&dirs[0], ports[0], &url);
+    promote(&first);
+    wait_status(&first, "active").await;
+    {
+        let c = first.connect().await;
+        let ch = confirming(&c).await;
+        durable(&ch, "qq").await;
+        ch.exchange_declare(
+            "exx".into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            "qq".into(),
+            "exx".into(),
+            "k".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        for i in 0..3 {
+            let c = ch
+                .basic_publish(
+                    "exx".into(),
+                    "k".into(),
+                    BasicPublishOptions::default(),
+                    format!("x{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            assert!(c.await.unwrap().is_ack());
+        }
+        let m = ch
+            .basic_get("qq".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        wait_count(&c, "qq", 2).await;
+    }
+    first.stop();
+    first.wait_exit(Duration::from_secs(10));
+    first = cluster_member(&dirs[0], ports[0], &url);
+    assert_eq!(status(&first), "joining");
+    promote(&first);
+    wait_status(&first, "active").await;
+    {
+        let c = first.connect().await;
+        let ch = confirming(&c).await;
+        // The binding came back: routed through exx.
+        let conf = ch
+            .basic_publish(
+                "exx".into(),
+                "k".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"x3",
+                persistent(),
+            )
+            .await
+            .unwrap();
+        assert!(conf.await.unwrap().is_ack());
+        wait_count(&c, "qq", 3).await;
+    }
+    let second = cluster_member(&dirs[1], ports[1], &url);
+    wait_status(&second, "ready").await;
+    wait_count(&admin(&second).await, "qq", 3).await;
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10));
+    promote(&second);
+    wait_status(&second, "active").await;
+    let c = second.connect().await;
+    wait_count(&c, "qq", 3).await;
+    drop(c);
+    let mut second = second;
+    second.stop();
+    second.wait_exit(Duration::from_secs(10));
+    let second = cluster_member(&dirs[1], ports[1], &url);
+    promote(&second);
+    wait_status(&second, "active").await;
+    let c = second.connect().await;
+    assert_eq!(
+        drain(&channel(&c).await, "qq").await,
+        vec!["x1".to_string(), "x2".into(), "x3".into()]
+    );
+}
