@@ -383,3 +383,68 @@ async fn a_one_member_cluster_recovers_from_its_store_and_a_new_backup_copies_it
         vec!["x1".to_string(), "x2".into(), "x3".into()]
     );
 }
+
+/// After a total failure, the most recent store wins: a joining member whose epoch is older
+/// than another reachable joining member's is refused promotion (exit 1, the text names the
+/// newer member and says `--force`), `promote --force` overrides it, and the member with the
+/// newest epoch is promoted without question and serves what was confirmed last.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_total_failure_a_member_with_an_older_epoch_is_not_promoted_without_force() {
+    let dirs = [TempDir::new("e0"), TempDir::new("e1")];
+    let ports = [free_port(), free_port()];
+    let url = loopback_url(&ports);
+    let mut a = cluster_member(&dirs[0], ports[0], &url);
+    let mut b = cluster_member(&dirs[1], ports[1], &url);
+    promote(&a); // epoch 1, which b learns
+    wait_status(&b, "ready").await;
+    b.signal("KILL");
+    b.wait_exit(Duration::from_secs(10));
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10));
+    // a alone comes back and is promoted: epoch 2, with data b never saw.
+    a = cluster_member(&dirs[0], ports[0], &url);
+    promote(&a);
+    wait_status(&a, "active").await;
+    {
+        let c = a.connect().await;
+        let ch = confirming(&c).await;
+        durable(&ch, "late").await;
+        publish_range(&ch, "late", 0..5).await;
+    }
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10));
+    // Total failure: both restart joining; b (epoch 1) must not win over a (epoch 2).
+    a = cluster_member(&dirs[0], ports[0], &url);
+    b = cluster_member(&dirs[1], ports[1], &url);
+    let refused = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(&b)]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("newer epoch (2)") && refused.stderr.contains("--force"),
+        "{refused:?}"
+    );
+    assert_eq!(status(&b), "joining");
+    // The newest is promoted, serves the late messages, and b follows it.
+    promote(&a);
+    wait_status(&a, "active").await;
+    wait_status(&b, "ready").await;
+    wait_count(&a.connect().await, "late", 5).await;
+    // --force overrides the check: both stopped, b's stored epoch made older again (as if
+    // it had been down during a's last promotion), b refused, then forced.
+    drop(b);
+    let epoch_file = dirs[1].path().join("ha-epoch");
+    let text = std::fs::read_to_string(&epoch_file).unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words[..2], ["qpidd-ha-epoch", "1"], "{text}");
+    std::fs::write(&epoch_file, format!("qpidd-ha-epoch 1 1 {}\n", words[3])).unwrap();
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10));
+    let a = cluster_member(&dirs[0], ports[0], &url);
+    let b = cluster_member(&dirs[1], ports[1], &url);
+    let refused = qpid_ha(&["promote", "--cluster-manager", "-b", &addr(&b)]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    let forced = qpid_ha(&["promote", "--cluster-manager", "--force", "-b", &addr(&b)]);
+    assert_eq!(forced.code, 0, "{forced:?}");
+    wait_status(&b, "active").await;
+    wait_status(&a, "ready").await;
+    assert!(b.log().contains("promotion forced"), "{}", b.log());
+}

@@ -521,6 +521,18 @@ impl Queue {
         st.ready.insert_sorted(entry);
     }
 
+    /// The next id this queue will give (ids are never reused within an incarnation).
+    pub fn next_id(&self) -> u64 {
+        self.state.lock().next_id
+    }
+
+    /// Raises the next id to at least `floor` (a queue recovered from the store continues
+    /// above every id it may have given before the restart).
+    pub fn raise_next_id(&self, floor: u64) {
+        let mut st = self.state.lock();
+        st.next_id = st.next_id.max(floor);
+    }
+
     /// The broker this queue belongs to (while it runs).
     pub fn broker(&self) -> Option<Arc<crate::broker::Broker>> {
         self.broker.upgrade()

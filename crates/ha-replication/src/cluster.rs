@@ -598,7 +598,7 @@ fn delete_local(module: &HaReplication, broker: &Arc<Broker>, name: &str) {
 }
 
 /// Promotion (`qpid-ha promote --cluster-manager`), with Qpid's checks (reference 4.8, 4.9).
-pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer) {
+pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, force: bool, answer: Answer) {
     match broker.ha_status() {
         HaStatus::Recovering | HaStatus::Active => {
             tracing::info!(target: "HA", "Ignoring promotion, already primary");
@@ -618,17 +618,36 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
             let addresses = module.cluster_addresses();
             module.runtime.spawn(async move {
                 let mut established = None;
+                let mut newer: Option<(String, u64)> = None;
+                let own_epoch = b.epoch();
                 for addr in &addresses {
                     if let Some((s, e)) = status_of(&b, addr).await {
                         if s == "self" {
                             m.note_own_address(addr);
                             continue;
                         }
-                        let _ = m.record_epoch(&b, e);
                         if s != "joining" {
+                            let _ = m.record_epoch(&b, e);
                             established = Some((addr.to_string(), s));
+                        } else if e > own_epoch && newer.as_ref().is_none_or(|n| e > n.1) {
+                            // After a total failure: a member that knew a later primary may
+                            // hold data this one lacks; the most recent store should win.
+                            newer = Some((addr.to_string(), e));
                         }
                     }
+                }
+                if established.is_none()
+                    && let Some((addr, e)) = newer
+                {
+                    if !force {
+                        tracing::warn!(target: "HA", "promotion refused: {addr} has epoch {e}, newer than this broker's {own_epoch}");
+                        return answer(Err(MgmtError::new(
+                            ErrorCode::PreconditionFailed,
+                            format!("{addr} has a newer epoch ({e}) than this broker ({own_epoch}): its data may be more recent; promote it instead, or use --force"),
+                        )));
+                    }
+                    tracing::warn!(target: "HA", "promotion forced although {addr} has epoch {e}, newer than this broker's {own_epoch}");
+                    let _ = m.record_epoch(&b, e);
                 }
                 match established {
                     Some((addr, s)) => {
@@ -644,7 +663,7 @@ pub fn promote(module: &Arc<HaReplication>, broker: &Arc<Broker>, answer: Answer
                     },
                     None => {
                         // It found a primary meanwhile: decide again on the new status.
-                        promote(&m, &b, answer);
+                        promote(&m, &b, force, answer);
                     }
                 }
             });

@@ -445,9 +445,9 @@ impl HaModule for HaReplication {
         rows
     }
 
-    fn promote(&self, broker: &Arc<Broker>, answer: Answer) {
+    fn promote(&self, broker: &Arc<Broker>, force: bool, answer: Answer) {
         match self.me.upgrade() {
-            Some(me) => cluster::promote(&me, broker, answer),
+            Some(me) => cluster::promote(&me, broker, force, answer),
             None => answer(Err(MgmtError::new(
                 ErrorCode::Internal,
                 "the HA module is shutting down",

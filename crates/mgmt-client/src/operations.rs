@@ -524,9 +524,13 @@ impl Operation for QueryHaBroker {
     }
 }
 
-/// Makes the broker the cluster's primary: the HA object's `promote` method.
-#[derive(Clone, Debug)]
-pub struct Promote;
+/// Makes the broker the cluster's primary: the HA object's `promote` method (`force`: even if
+/// a reachable member has a newer epoch).
+#[derive(Clone, Debug, Default)]
+pub struct Promote {
+    /// Override the epoch check of a joining member.
+    pub force: bool,
+}
 
 impl Operation for Promote {
     type Output = ();
@@ -534,7 +538,11 @@ impl Operation for Promote {
         Request::Method {
             object: HA_BROKER_OBJECT.into(),
             name: "promote".into(),
-            arguments: json!({}),
+            arguments: if self.force {
+                json!({ "force": true })
+            } else {
+                json!({})
+            },
         }
     }
     fn parse(&self, _: Value) -> Result<(), Error> {

@@ -63,6 +63,8 @@ pub struct Parsed {
     pub is_primary: bool,
     pub all: bool,
     pub json: bool,
+    /// `promote --force`: promote a joining member even if a reachable member has a newer epoch.
+    pub force: bool,
 }
 
 /// What to do.
@@ -109,6 +111,11 @@ fn command_options(name: &str) -> &'static str {
   --is-primary          Don't print status. Return 0 if the broker is primary,
                         1 otherwise
   --all                 Print status for all brokers in the cluster
+"
+        }
+        "promote" => {
+            "  --force               Promote a joining broker even if another reachable member
+                        has a newer epoch (its data may be more recent)
 "
         }
         "query" => {
@@ -165,7 +172,7 @@ fn takes_value(option: &str) -> bool {
 fn known_flag(option: &str) -> bool {
     matches!(
         option,
-        "--is-primary" | "--all" | "--json" | "-h" | "--help"
+        "--is-primary" | "--all" | "--json" | "--force" | "-h" | "--help"
     )
 }
 
@@ -290,6 +297,7 @@ pub fn parse(argv: &[String]) -> Action {
             "--is-primary" if command == "status" => parsed.is_primary = true,
             "--all" if command == "status" || command == "query" => parsed.all = true,
             "--json" if command == "query" => parsed.json = true,
+            "--force" if command == "promote" => parsed.force = true,
             "--sasl-service-name" | "--ssl-certificate" | "--ssl-key" => {
                 return Action::Fail {
                     stdout: String::new(),

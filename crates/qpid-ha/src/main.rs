@@ -148,7 +148,11 @@ async fn command(
                 "PreconditionFailed".into(),
                 "not a cluster member: promote needs a broker started with ha-cluster=yes; nothing was changed".into(),
             )),
-            Some(_) => Ok(client.run(&Promote).await?),
+            Some(_) => Ok(client
+                .run(&Promote {
+                    force: parsed.force,
+                })
+                .await?),
         },
         "replicate" | "detach" if ha.is_none() => Err(Failure::Error(
             "PreconditionFailed".into(),

@@ -155,6 +155,15 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
 
+    // The store is recovered before the broker listens: no client sees a half-recovered
+    // broker, and a store that refuses to start leaves no port printed.
+    let broker = Broker::new(config, users);
+    broker.mgmt.set_log_control(Arc::new(log.clone()));
+    if let Some(dir) = &options.data_dir {
+        let store = broker_core::store::Store::open(&broker, dir, options.store)
+            .map_err(anyhow::Error::msg)?;
+        broker.set_store(store);
+    }
     let (listeners, port) = listen::bind(&options.interfaces, options.port).await?;
     let pidfile = if options.daemon || options.pidfile_explicit {
         Some(daemon::Pidfile::create(&options.pidfile)?)
@@ -199,13 +208,6 @@ async fn serve(
         tracing::info!(target: "Broker", notice = true, "Received {name}, shutting down");
     };
 
-    let broker = Broker::new(config, users);
-    broker.mgmt.set_log_control(Arc::new(log.clone()));
-    if let Some(dir) = &options.data_dir {
-        let store = broker_core::store::Store::open(&broker, dir, options.store)
-            .map_err(anyhow::Error::msg)?;
-        broker.set_store(store);
-    }
     let store = broker.store().cloned();
     if broker.config.ha.enabled() {
         let ha = ha_replication::HaReplication::new(tokio::runtime::Handle::current());

@@ -71,8 +71,10 @@ pub fn call(
         "promote" => {
             if broker.config.ha.cluster {
                 let (b, reply) = (broker.clone(), reply.clone());
+                let force = args.get("force").and_then(Value::as_bool).unwrap_or(false);
                 module(broker)?.promote(
                     broker,
+                    force,
                     Box::new(move |result| match result {
                         Ok(_) => {
                             let mut body = b.mgmt.envelope(sequence);

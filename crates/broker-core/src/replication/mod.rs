@@ -82,7 +82,7 @@ pub trait HaModule: Send + Sync + std::fmt::Debug {
     fn detach(&self, broker: &Arc<Broker>, queue: &str) -> Result<(), MgmtError>;
     /// Promotes this cluster member to primary (`qpid-ha promote --cluster-manager`); `answer`
     /// is told the outcome (the status checks of other members take a moment).
-    fn promote(&self, broker: &Arc<Broker>, answer: Answer);
+    fn promote(&self, broker: &Arc<Broker>, force: bool, answer: Answer);
     /// The cluster's members (`system-id`, `status`, `address`): computed on a primary, as
     /// last received on a backup.
     fn members(&self, broker: &Broker) -> serde_json::Value;

@@ -26,6 +26,13 @@ use crate::replication::cluster::{describe_binding, describe_exchange, describe_
 const REC_ENQUEUE: u8 = 1;
 /// Message record: dequeue.
 const REC_DEQUEUE: u8 = 2;
+/// Message record: the next id of durable queues (pairs of key and next id).
+const REC_NEXT_IDS: u8 = 3;
+/// How often the writer records the next ids of queues that gave ids since the last time.
+const NEXT_IDS_INTERVAL: Duration = Duration::from_secs(1);
+/// Added at recovery to the highest id known of a queue: covers ids given (to transient
+/// messages) after the last next-ids record, at most one interval's worth.
+pub const RECOVERY_ID_MARGIN: u64 = 1 << 32;
 /// Configuration records.
 const REC_QUEUE: u8 = 16;
 const REC_QUEUE_DELETE: u8 = 17;
@@ -109,6 +116,8 @@ struct ConfigJournal {
 
 /// What the message writer shares with the queues' observers.
 struct Shared {
+    /// The durable queues by store key, for the next-ids records.
+    durable: Mutex<HashMap<u64, Weak<Queue>>>,
     dir: PathBuf,
     segment_size: u64,
     pending: Mutex<Pending>,
@@ -189,6 +198,7 @@ impl Store {
         let wall_now = wall_ms();
         let wall_base_ms = wall_now.saturating_sub(broker.now_ms());
         let shared = Arc::new(Shared {
+            durable: Mutex::new(HashMap::new()),
             dir: dir.clone(),
             segment_size: options.segment_size.max(64 * 1024),
             pending: Mutex::new(Pending {
@@ -292,15 +302,16 @@ impl Store {
             Event::QueueDeclare(q) if q.durable && !q.exclusive => {
                 let key = self.next_key.fetch_add(1, Ordering::Relaxed);
                 self.queues.lock().insert(q.name.clone(), key);
-                self.attach(q, key);
+                if let Some(queue) = broker.queue(&q.name) {
+                    self.attach(&queue, key);
+                }
                 self.recovered.lock().remove(&q.name);
                 Some((REC_QUEUE, self.describe(broker, q, key)))
             }
-            Event::QueueDelete(name) => self
-                .queues
-                .lock()
-                .remove(*name)
-                .map(|key| (REC_QUEUE_DELETE, json!({ "name": name, "key": key }))),
+            Event::QueueDelete(name) => self.queues.lock().remove(*name).map(|key| {
+                self.shared.durable.lock().remove(&key);
+                (REC_QUEUE_DELETE, json!({ "name": name, "key": key }))
+            }),
             Event::ExchangeDeclare(e) if e.durable => {
                 self.exchanges.lock().insert(e.name.clone());
                 Some((REC_EXCHANGE, describe_exchange(e)))
@@ -456,7 +467,8 @@ impl Store {
     }
 
     /// Attaches the message journal to a durable queue.
-    fn attach(&self, q: &Queue, key: u64) -> Arc<QueueJournal> {
+    fn attach(&self, q: &Arc<Queue>, key: u64) -> Arc<QueueJournal> {
+        self.shared.durable.lock().insert(key, Arc::downgrade(q));
         let j = Arc::new(QueueJournal {
             shared: Arc::downgrade(&self.shared),
             key,
@@ -523,6 +535,10 @@ impl Store {
             self.queues.lock().insert(name.clone(), *key);
             self.recovered.lock().insert(name.clone(), q.clone());
             let j = self.attach(&queue, *key);
+            // Above every id this queue may have given before (never reuse one): the highest
+            // the journal names, plus a margin for ids given after the last record of them.
+            let highest = messages.highest.get(key).copied().unwrap_or(0);
+            queue.raise_next_id(highest.saturating_add(RECOVERY_ID_MARGIN));
             let Some(msgs) = messages.by_key.remove(key) else {
                 continue;
             };
@@ -706,7 +722,9 @@ fn create_segment(dir: &Path, n: u64) -> std::io::Result<File> {
     f.write_all(&journal::header(journal::MESSAGE_MAGIC, n))?;
     f.sync_all()?;
     File::open(dir)?.sync_all()?;
-    Ok(f)
+    // Appending: after a failed write is truncated away, the next write goes to the new end
+    // (a positioned handle would leave a hole there).
+    OpenOptions::new().append(true).open(&path)
 }
 
 /// One round after another: take what is buffered, write it, sync, release the confirms;
@@ -725,11 +743,22 @@ fn write_loop(shared: &Shared, first: u64) {
         }
     }
     let mut reported = false;
+    let mut ids = NextIds::default();
+    let mut doomed: Vec<u64> = Vec::new();
     loop {
+        if ids.last.elapsed() >= NEXT_IDS_INTERVAL {
+            ids.record(shared, false);
+        }
         let (chunks, holds, waiters) = {
             let mut p = shared.pending.lock();
             while p.chunks.is_empty() && !shared.stop.load(Ordering::Acquire) {
-                shared.wake.wait(&mut p);
+                let wait = NEXT_IDS_INTERVAL.saturating_sub(ids.last.elapsed());
+                if shared.wake.wait_for(&mut p, wait).timed_out() {
+                    break;
+                }
+            }
+            if p.chunks.is_empty() && !shared.stop.load(Ordering::Acquire) {
+                continue; // time for a next-ids record
             }
             if p.chunks.is_empty() {
                 return;
@@ -756,7 +785,13 @@ fn write_loop(shared: &Shared, first: u64) {
                 for w in waiters.into_iter().chain(round_waiters) {
                     let _ = w.send(());
                 }
-                reclaim(shared, &mut files);
+                // Segments found empty last round go now that a full next-ids record (written
+                // in this round) keeps what their records said about ids.
+                delete_segments(shared, &mut files, std::mem::take(&mut doomed));
+                doomed = reclaim(shared);
+                if !doomed.is_empty() {
+                    ids.record(shared, true);
+                }
             }
             Err((path, e)) => {
                 if !reported {
@@ -847,19 +882,68 @@ fn write_round(
 }
 
 /// Deletes the oldest segments while they hold no live message and are not the current one.
-fn reclaim(shared: &Shared, files: &mut BTreeMap<u64, (File, u64)>) {
+fn reclaim(shared: &Shared) -> Vec<u64> {
     let mut doomed = Vec::new();
-    {
-        let mut p = shared.pending.lock();
-        let pending_min = p.chunks.first().map(|(s, _)| *s);
-        while let Some((&seg, &live)) = p.live.first_key_value() {
-            if live != 0 || seg >= p.segment || pending_min.is_some_and(|m| m <= seg) {
-                break;
-            }
-            p.live.remove(&seg);
-            doomed.push(seg);
+    let mut p = shared.pending.lock();
+    let pending_min = p.chunks.first().map(|(s, _)| *s);
+    while let Some((&seg, &live)) = p.live.first_key_value() {
+        if live != 0 || seg >= p.segment || pending_min.is_some_and(|m| m <= seg) {
+            break;
+        }
+        p.live.remove(&seg);
+        doomed.push(seg);
+    }
+    doomed
+}
+
+/// The writer's next-ids records: each interval the queues that gave ids since, and a full
+/// record before segments are deleted, so the highest id of every durable queue survives in
+/// the journal (a recovered queue continues above it).
+struct NextIds {
+    last: Instant,
+    written: HashMap<u64, u64>,
+}
+
+impl Default for NextIds {
+    fn default() -> Self {
+        NextIds {
+            last: Instant::now(),
+            written: HashMap::new(),
         }
     }
+}
+
+impl NextIds {
+    fn record(&mut self, shared: &Shared, full: bool) {
+        self.last = Instant::now();
+        let queues: Vec<(u64, Arc<Queue>)> = shared
+            .durable
+            .lock()
+            .iter()
+            .filter_map(|(k, q)| q.upgrade().map(|q| (*k, q)))
+            .collect();
+        let mut pairs = Vec::new();
+        for (key, q) in queues {
+            let next = q.next_id();
+            if full || self.written.get(&key) != Some(&next) {
+                self.written.insert(key, next);
+                pairs.push((key, next));
+            }
+        }
+        if pairs.is_empty() && !full {
+            return;
+        }
+        shared.append(RECORD_OVERHEAD + 1 + 16 * pairs.len(), REC_NEXT_IDS, |o| {
+            for (k, n) in &pairs {
+                o.extend_from_slice(&k.to_le_bytes());
+                o.extend_from_slice(&n.to_le_bytes());
+            }
+        });
+    }
+}
+
+/// Deletes segments that `reclaim` found empty.
+fn delete_segments(shared: &Shared, files: &mut BTreeMap<u64, (File, u64)>, doomed: Vec<u64>) {
     for seg in doomed {
         files.remove(&seg);
         let path = shared.dir.join(segment_name(seg));
@@ -1043,6 +1127,8 @@ struct RecoveredMessage {
 #[derive(Default)]
 struct Recovered {
     by_key: HashMap<u64, BTreeMap<u64, RecoveredMessage>>,
+    /// Per queue key, the highest id any record names (enqueue, dequeue, next ids).
+    highest: HashMap<u64, u64>,
     segments: Vec<u64>,
 }
 
@@ -1064,6 +1150,11 @@ fn read_messages(
     for &n in &numbers {
         let path = dir.join(segment_name(n));
         let by_key = &mut out.by_key;
+        let highest = &mut out.highest;
+        let mut saw = |key: u64, id: u64| {
+            let h = highest.entry(key).or_insert(0);
+            *h = (*h).max(id);
+        };
         read_file(
             &path,
             journal::MESSAGE_MAGIC,
@@ -1083,6 +1174,7 @@ fn read_messages(
                         if !keys.contains(&key) {
                             return Ok(());
                         }
+                        saw(key, id);
                         let exchange = std::str::from_utf8(rd.take(ex_len)?)
                             .map_err(|_| "exchange name is not UTF-8")?;
                         let routing_key = std::str::from_utf8(rd.take(rk_len)?)
@@ -1102,8 +1194,16 @@ fn read_messages(
                     REC_DEQUEUE => {
                         let key = rd.u64()?;
                         let id = rd.u64()?;
+                        saw(key, id);
                         if let Some(m) = by_key.get_mut(&key) {
                             m.remove(&id);
+                        }
+                    }
+                    REC_NEXT_IDS => {
+                        while !rd.0.is_empty() {
+                            let key = rd.u64()?;
+                            let next = rd.u64()?;
+                            saw(key, next.saturating_sub(1));
                         }
                     }
                     k => return Err(format!("unknown message record type {k}")),

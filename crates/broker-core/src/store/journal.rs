@@ -137,9 +137,10 @@ pub fn scan<'a>(
         }
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
         if len == 0 || len > max_len {
-            // A length no writer makes: torn only if nothing could follow it anyway.
+            // A length no writer makes. Only a tail of zeros (a file extended by a crash
+            // before its data reached the disk) is a torn write; anything else is damage.
             let what = format!("impossible record length {len}");
-            return if at + 4 + len.min(left) + 4 > bytes.len() && len > max_len {
+            return if bytes[at..].iter().all(|&b| b == 0) {
                 End::Torn {
                     offset: at as u64,
                     what,
@@ -291,6 +292,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn impossible_lengths_are_damage_unless_the_tail_is_all_zeros() {
+        let f = file(&[(1, b"one"), (1, b"two")]);
+        let mut huge = f.clone();
+        huge[24..28].copy_from_slice(&0x7fff_fff0u32.to_le_bytes());
+        assert!(matches!(read(&huge).1, End::Damaged(d) if d.offset == 24));
+        let mut zero = f.clone();
+        zero[24..28].copy_from_slice(&[0; 4]);
+        assert!(matches!(read(&zero).1, End::Damaged(_)));
+        let mut zeros_tail = f.clone();
+        zeros_tail.extend_from_slice(&[0; 4096]);
+        let (got, end) = read(&zeros_tail);
+        assert_eq!(got.len(), 2);
+        assert!(matches!(end, End::Torn { offset, .. } if offset == f.len() as u64));
     }
 
     #[test]
