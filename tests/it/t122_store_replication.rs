@@ -448,3 +448,60 @@ async fn after_a_total_failure_a_member_with_an_older_epoch_is_not_promoted_with
     wait_status(&a, "ready").await;
     assert!(b.log().contains("promotion forced"), "{}", b.log());
 }
+
+/// `qpid-ha query` shows what the store holds: the epoch, and per durable queue its
+/// incarnation, the highest id it gave and its messages (text table and `--json`); after a
+/// restart the incarnation is the same and the ids continue above the old ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn qpid_ha_query_shows_the_store_epoch_and_each_durable_queues_ids() {
+    let dir = TempDir::new("q0");
+    let port = free_port();
+    let url = loopback_url(&[port]);
+    let mut b = cluster_member(&dir, port, &url);
+    promote(&b);
+    wait_status(&b, "active").await;
+    {
+        let c = b.connect().await;
+        let ch = confirming(&c).await;
+        durable(&ch, "sq").await;
+        publish_range(&ch, "sq", 0..3).await;
+    }
+    let row = |b: &TestBroker| {
+        let r = qpid_ha(&["query", "--json", "-b", &addr(b)]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        let broker = v["brokers"][0].clone();
+        let store = broker["store"].as_array().cloned().unwrap_or_default();
+        let sq = store
+            .into_iter()
+            .find(|r| r["queue"] == "sq")
+            .expect("a store row for sq");
+        (broker["epoch"].as_u64(), sq)
+    };
+    let (epoch, sq) = row(&b);
+    assert_eq!(epoch, Some(1));
+    assert_eq!(sq["lastId"], 3);
+    assert_eq!(sq["messages"], 3);
+    let text = qpid_ha(&["query", "-b", &addr(&b)]).stdout;
+    assert!(
+        text.contains("Store (epoch 1)") && text.contains("sq"),
+        "{text}"
+    );
+    b.stop();
+    b.wait_exit(Duration::from_secs(10));
+    let b = cluster_member(&dir, port, &url);
+    promote(&b);
+    wait_status(&b, "active").await;
+    {
+        let c = b.connect().await;
+        publish_range(&confirming(&c).await, "sq", 3..4).await;
+    }
+    let (epoch, after) = row(&b);
+    assert_eq!(epoch, Some(2));
+    assert_eq!(after["incarnation"], sq["incarnation"]);
+    assert_eq!(after["messages"], 4);
+    assert!(
+        after["lastId"].as_u64().unwrap() > (1u64 << 32),
+        "ids continue above the old ones with the recovery margin: {after}"
+    );
+}

@@ -822,7 +822,7 @@ async fn the_ha_object_exists_only_with_ha_options() {
         &json!({"name": "ha-broker", "status": "standalone",
             "brokersUrl": "amqp:tcp:h1:1,tcp:h2:2", "publicUrl": "", "replicateDefault": "none",
             "systemId": broker_object[0]["_values"]["systemId"],
-            "replicas": [], "subscriptions": [], "members": []})
+            "replicas": [], "subscriptions": [], "members": [], "epoch": 0, "store": []})
     );
     // The broker package does not name the HA object.
     assert!(

@@ -123,7 +123,8 @@ fn a_broker_without_ha_is_standalone_and_says_ha_is_disabled() {
         doc,
         json!({"version": 1, "brokers": [{"address": address(&broker), "ha": false,
             "status": "standalone", "brokerId": null, "brokersUrl": null, "publicUrl": null,
-            "replicate": null, "members": [], "replicas": [], "subscriptions": [], "error": null}]})
+            "replicate": null, "members": [], "replicas": [], "subscriptions": [], "epoch": null,
+            "store": [], "error": null}]})
     );
     ha(&broker, &["ping"]).silent(0);
     ha(&broker, &["promote", "--cluster-manager"]).failed_with(NOT_A_MEMBER);
@@ -173,7 +174,7 @@ async fn queue_replication_shows_the_ha_object() {
         json!({"version": 1, "brokers": [{"address": address(&broker), "ha": true,
             "status": "standalone", "brokerId": id, "brokersUrl": "",
             "publicUrl": "amqp:tcp:vip:5672", "replicate": "all", "members": [], "replicas": [],
-            "subscriptions": [], "error": null}]})
+            "subscriptions": [], "epoch": 0, "store": [], "error": null}]})
     );
 
     // --all walks brokersUrl: the first broker answers, the closed port does not.

@@ -491,6 +491,11 @@ pub struct HaBrokerInfo {
     /// A cluster member's view of the cluster (`system-id`, `status`, `address`); empty
     /// outside a cluster.
     pub members: Vec<Value>,
+    /// The latest promotion this broker knows of (0: none).
+    pub epoch: u64,
+    /// What the broker's store holds per durable queue (`queue`, `incarnation`, `lastId`,
+    /// `messages`); empty without a store.
+    pub store: Vec<Value>,
 }
 
 /// Reads the HA object; `None` if the broker has none (it runs with neither
@@ -519,6 +524,8 @@ impl Operation for QueryHaBroker {
                     replicas: list(v, "replicas"),
                     subscriptions: list(v, "subscriptions"),
                     members: list(v, "members"),
+                    epoch: v.get("epoch").and_then(Value::as_u64).unwrap_or(0),
+                    store: list(v, "store"),
                 }
             }))
     }

@@ -268,6 +268,7 @@ fn query_lines(ha: Option<&HaBrokerInfo>) -> String {
             rows::member_table(&h.members),
             rows::replica_table(&h.replicas),
             rows::subscription_table(&h.subscriptions),
+            rows::store_table(h.epoch, &h.store),
         ]
         .concat(),
         None => [line("Status:", NO_HA_STATUS), line("HA:", HA_DISABLED)].concat(),
@@ -279,10 +280,11 @@ fn query_json(address: &str, ha: Option<&HaBrokerInfo>) -> Value {
         Some(h) => json!({"address": address, "ha": true, "status": h.status,
             "brokerId": h.system_id, "brokersUrl": h.brokers_url, "publicUrl": h.public_url,
             "replicate": h.replicate_default, "members": h.members, "replicas": h.replicas,
-            "subscriptions": h.subscriptions, "error": null}),
+            "subscriptions": h.subscriptions, "epoch": h.epoch, "store": h.store, "error": null}),
         None => json!({"address": address, "ha": false, "status": NO_HA_STATUS,
             "brokerId": null, "brokersUrl": null, "publicUrl": null, "replicate": null,
-            "members": [], "replicas": [], "subscriptions": [], "error": null}),
+            "members": [], "replicas": [], "subscriptions": [], "epoch": null, "store": [],
+            "error": null}),
     }
 }
 

@@ -19,6 +19,27 @@ pub fn member_table(members: &[Value]) -> String {
     table("Members", &["System ID", "Status", "Address"], &rows)
 }
 
+/// The store table (what the broker's store holds per durable queue, with the epoch it
+/// knows), or nothing without durable queues.
+pub fn store_table(epoch: u64, store: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = store
+        .iter()
+        .map(|r| {
+            vec![
+                text(&r["queue"]),
+                text(&r["incarnation"]),
+                text(&r["lastId"]),
+                text(&r["messages"]),
+            ]
+        })
+        .collect();
+    table(
+        &format!("Store (epoch {epoch})"),
+        &["Queue", "Incarnation", "Last ID", "Messages"],
+        &rows,
+    )
+}
+
 /// The replicas table, or nothing when there are no replicas.
 pub fn replica_table(replicas: &[Value]) -> String {
     let rows: Vec<Vec<String>> = replicas

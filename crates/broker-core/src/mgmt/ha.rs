@@ -49,6 +49,8 @@ pub fn values(broker: &Broker) -> Value {
         "publicUrl": ha.public_url,
         "replicateDefault": ha.replicate.as_str(),
         "systemId": broker.system_id().to_string(),
+        "epoch": broker.epoch(),
+        "store": broker.store().map_or_else(Vec::new, |s| s.rows(broker)),
         "replicas": broker.ha_module().map_or_else(Vec::new, |m| m.replica_rows()),
         "subscriptions": broker.subscriptions().iter().map(|s| s.row()).collect::<Vec<_>>(),
         "members": match (broker.config.ha.cluster, broker.ha_module()) {

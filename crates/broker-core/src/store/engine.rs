@@ -290,6 +290,25 @@ impl Store {
         }
     }
 
+    /// One row per durable queue: what the store holds of it (`queue`, `incarnation`,
+    /// `lastId`: the highest id it gave, `messages`), for `qpid-ha query`.
+    pub fn rows(&self, broker: &Broker) -> Vec<Value> {
+        let mut names: Vec<String> = self.queues.lock().keys().cloned().collect();
+        names.sort();
+        names
+            .iter()
+            .filter_map(|n| broker.queue(n))
+            .map(|q| {
+                json!({
+                    "queue": q.name,
+                    "incarnation": q.incarnation().to_string(),
+                    "lastId": q.next_id().saturating_sub(1),
+                    "messages": q.lock().message_count(),
+                })
+            })
+            .collect()
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
