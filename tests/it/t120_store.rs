@@ -1524,6 +1524,90 @@ async fn consumed_segments_are_deleted_while_running() {
     );
 }
 
+/// A message left at the head of the journal does not pin what comes after it: with 1 MiB
+/// segments, one persistent message on `st.pin` published first and never consumed, then about
+/// 20 MiB through `st.flow`, all consumed: the segments after the first are deleted while the
+/// broker runs (under 3 MiB remain), and after a kill -9 the pinned message is back and nothing
+/// consumed from `st.flow` is (their dequeue records were kept as long as their enqueues were).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_left_at_the_head_does_not_pin_later_segments() {
+    let dir = TempDir::new("store-pin");
+    let broker = broker_on(dir.path(), &["--store-segment-size", "1MiB"]);
+    let conn = broker.connect().await;
+    let ch = confirming(&conn).await;
+    declare_durable(&ch, "st.pin", FieldTable::default()).await;
+    declare_durable(&ch, "st.flow", FieldTable::default()).await;
+    publish_pipelined(
+        &ch,
+        vec![("st.pin".to_string(), b"pinned".to_vec(), persistent())],
+    )
+    .await;
+    let total = 5120;
+    let consumer_ch = channel(&conn).await;
+    within(
+        "basic.qos",
+        consumer_ch.basic_qos(500, BasicQosOptions::default()),
+    )
+    .await
+    .expect("basic.qos");
+    let mut consumer = within(
+        "basic.consume",
+        consumer_ch.basic_consume(
+            "st.flow".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("basic.consume");
+    for batch in 0..(total / 512) {
+        publish_pipelined(
+            &ch,
+            (0..512)
+                .map(|i| {
+                    (
+                        "st.flow".to_string(),
+                        pattern(4096, (batch * 512 + i) as u32),
+                        persistent(),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+        for _ in 0..512 {
+            let d = integration_tests::next_delivery(&mut consumer).await;
+            within("basic.ack", d.ack(BasicAckOptions::default()))
+                .await
+                .expect("ack");
+        }
+    }
+    let emptied = eventually(Duration::from_secs(20), || async {
+        count(&conn, "st.flow").await == 0 && segments_size(dir.path()) < 3 << 20
+    })
+    .await;
+    assert!(
+        emptied,
+        "the segments still take {} bytes: {:?}",
+        segments_size(dir.path()),
+        segments(dir.path())
+    );
+    assert_eq!(count(&conn, "st.pin").await, 1);
+    drop(consumer);
+    drop(conn);
+    bring_down(broker, Down::Kill);
+    let broker = broker_on(dir.path(), &[]);
+    let conn = broker.connect().await;
+    assert_eq!(
+        count(&conn, "st.flow").await,
+        0,
+        "consumed messages came back"
+    );
+    let pinned = take_all(&channel(&conn).await, "st.pin").await;
+    assert_eq!(pinned.len(), 1);
+    assert_eq!(pinned[0].data, b"pinned");
+}
+
 // ---- more of the spec ---------------------------------------------------------------------
 
 /// Every way a message leaves a durable queue for good sticks across a clean restart: an ack of

@@ -151,7 +151,7 @@ fn crash_seeds() -> Vec<u64> {
 /// consumer, kill -9 the broker after a random delay while the window is full, and record what
 /// the clients saw.
 async fn crash_round(dir: &Path, rng: &mut SplitMix, record: &mut SeedRecord, first: bool) {
-    let broker = store_broker(dir, &["--store-segment-size", "64KiB"]);
+    let mut broker = store_broker(dir, &["--store-segment-size", "64KiB"]);
     let pub_conn = broker.connect().await;
     if !first {
         // The durable queue survived the kill.
@@ -256,7 +256,14 @@ async fn crash_round(dir: &Path, rng: &mut SplitMix, record: &mut SeedRecord, fi
                             break;
                         }
                     }
-                    _ => break,
+                    Ok(Err(e)) => {
+                        eprintln!("publisher: basic.publish failed: {e:?}");
+                        break;
+                    }
+                    Err(_) => {
+                        eprintln!("publisher: basic.publish did not complete within 5 s");
+                        break;
+                    }
                 }
             }
         })
@@ -284,6 +291,10 @@ async fn crash_round(dir: &Path, rng: &mut SplitMix, record: &mut SeedRecord, fi
     // The crash point: a random delay, then the first moment the window is (nearly) full.
     let delay = Duration::from_millis(rng.range(50, 400));
     tokio::time::sleep(delay).await;
+    // The broker confirms about as fast as one lapin publisher sends, so the window alone
+    // seldom fills: the broker is frozen (SIGSTOP, at whatever point of its work it is, a
+    // crash point like any other) while the publisher fills the window, then killed.
+    broker.signal("STOP");
     let full = eventually(Duration::from_secs(20), || {
         let outstanding = published
             .load(Ordering::Acquire)
@@ -291,9 +302,10 @@ async fn crash_round(dir: &Path, rng: &mut SplitMix, record: &mut SeedRecord, fi
         async move { outstanding >= KILL_AT_OUTSTANDING }
     })
     .await;
+    let alive = broker.is_running();
     assert!(
         full,
-        "the publisher never had {KILL_AT_OUTSTANDING} publishes unconfirmed (published {}, \
+        "the publisher never had {KILL_AT_OUTSTANDING} publishes unconfirmed (broker alive: {alive}; published {}, \
          resolved {})",
         published.load(Ordering::Acquire),
         resolved.load(Ordering::Acquire)

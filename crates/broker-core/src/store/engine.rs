@@ -1,7 +1,7 @@
 //! The durable store (`docs/design/store.md`): a configuration journal, and one message
 //! journal shared by every durable queue, written by one thread with group commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -142,9 +142,21 @@ struct Pending {
     segment_len: u64,
     /// Per segment, the enqueue records whose message is still queued.
     live: BTreeMap<u64, u64>,
+    /// Per segment, the later segments holding dequeue records of its enqueues: while it
+    /// exists, they are needed (a dequeue record is what keeps its message from coming back).
+    dependents: HashMap<u64, BTreeSet<u64>>,
+    /// Per segment, how many older segments still exist that its dequeue records refer to.
+    needed_by: HashMap<u64, u64>,
 }
 
 impl Pending {
+    /// A dequeue record in segment `at` for an enqueue in segment `of`.
+    fn depends(&mut self, of: u64, at: u64) {
+        if of < at && self.dependents.entry(of).or_default().insert(at) {
+            *self.needed_by.entry(at).or_default() += 1;
+        }
+    }
+
     /// The segment a record of `len` bytes goes to (starting a new one when the current one
     /// is full), with room for it in `chunks`.
     fn buffer_for(&mut self, len: usize, segment_size: u64) -> (u64, &mut Vec<u8>) {
@@ -215,6 +227,11 @@ impl Store {
             let mut p = shared.pending.lock();
             for seg in messages.segments.iter().copied() {
                 p.live.insert(seg, 0);
+            }
+            for (&of, ats) in &messages.dependents {
+                for &at in ats {
+                    p.depends(of, at);
+                }
             }
             p.live.insert(last_segment + 1, 0);
         }
@@ -714,16 +731,19 @@ impl QueueObserver for QueueJournal {
             return;
         };
         let seg = self.state.lock().segment_of(entry.id);
-        if reason != DequeueReason::Deleted {
+        let written_in = (reason != DequeueReason::Deleted).then(|| {
             shared.append(RECORD_OVERHEAD + 1 + 16, REC_DEQUEUE, |o| {
                 o.extend_from_slice(&self.key.to_le_bytes());
                 o.extend_from_slice(&entry.id.to_le_bytes());
-            });
-        }
+            })
+        });
         if let Some(seg) = seg {
             let mut p = shared.pending.lock();
             if let Some(n) = p.live.get_mut(&seg) {
                 *n = n.saturating_sub(1);
+            }
+            if let Some(at) = written_in {
+                p.depends(seg, at);
             }
         }
     }
@@ -747,7 +767,7 @@ fn create_segment(dir: &Path, n: u64) -> std::io::Result<File> {
 }
 
 /// One round after another: take what is buffered, write it, sync, release the confirms;
-/// then delete the oldest segments left without live messages.
+/// then delete the segments left without live messages that no older one needs.
 fn write_loop(shared: &Shared, first: u64) {
     let mut files: BTreeMap<u64, (File, u64)> = BTreeMap::new();
     match OpenOptions::new()
@@ -764,6 +784,7 @@ fn write_loop(shared: &Shared, first: u64) {
     let mut reported = false;
     let mut ids = NextIds::default();
     let mut doomed: Vec<u64> = Vec::new();
+    let mut carried: HashSet<u64> = HashSet::new();
     loop {
         if ids.last.elapsed() >= NEXT_IDS_INTERVAL {
             ids.record(shared, false);
@@ -807,6 +828,7 @@ fn write_loop(shared: &Shared, first: u64) {
                 // Segments found empty last round go now that a full next-ids record (written
                 // in this round) keeps what their records said about ids.
                 delete_segments(shared, &mut files, std::mem::take(&mut doomed));
+                carry_dequeues_forward(shared, &mut carried);
                 doomed = reclaim(shared);
                 if !doomed.is_empty() {
                     ids.record(shared, true);
@@ -900,16 +922,33 @@ fn write_round(
     }
 }
 
-/// Deletes the oldest segments while they hold no live message and are not the current one.
+/// The segments that hold no live message, are not the current one, and whose dequeue records
+/// no older segment still on disk needs (oldest first, so a run of them goes at once).
 fn reclaim(shared: &Shared) -> Vec<u64> {
     let mut doomed = Vec::new();
-    let mut p = shared.pending.lock();
-    let pending_min = p.chunks.first().map(|(s, _)| *s);
-    while let Some((&seg, &live)) = p.live.first_key_value() {
-        if live != 0 || seg >= p.segment || pending_min.is_some_and(|m| m <= seg) {
-            break;
+    let mut guard = shared.pending.lock();
+    let p = &mut *guard;
+    let current = p.segment;
+    let candidates: Vec<u64> = p
+        .live
+        .iter()
+        .filter(|&(&seg, &live)| live == 0 && seg < current)
+        .map(|(&seg, _)| seg)
+        .collect();
+    // Oldest first: deleting a segment can free the later ones that only it needed.
+    for seg in candidates {
+        if p.needed_by.get(&seg).copied().unwrap_or(0) > 0
+            || p.chunks.iter().any(|(s, _)| *s == seg)
+        {
+            continue;
         }
         p.live.remove(&seg);
+        p.needed_by.remove(&seg);
+        for later in p.dependents.remove(&seg).unwrap_or_default() {
+            if let Some(n) = p.needed_by.get_mut(&later) {
+                *n = n.saturating_sub(1);
+            }
+        }
         doomed.push(seg);
     }
     doomed
@@ -958,6 +997,70 @@ impl NextIds {
                 o.extend_from_slice(&n.to_le_bytes());
             }
         });
+    }
+}
+
+/// A segment with no live message that is kept only because its dequeue records refer to an
+/// older segment still on disk (one pinned by an unconsumed message) would keep its own space,
+/// and through its own enqueues the next such segment's, and so on. Its dequeue records are
+/// copied to the current segment instead (each segment's once, and not the one just before
+/// the current one, which usually frees itself), which moves the dependency there and lets it
+/// go. A copied dequeue record of a message already gone is ignored at recovery.
+fn carry_dequeues_forward(shared: &Shared, carried: &mut HashSet<u64>) {
+    let stuck: Vec<u64> = {
+        let p = shared.pending.lock();
+        p.live
+            .iter()
+            .filter(|&(&seg, &live)| {
+                live == 0
+                    && seg + 1 < p.segment
+                    && p.needed_by.get(&seg).copied().unwrap_or(0) > 0
+                    && !carried.contains(&seg)
+                    && !p.chunks.iter().any(|(s, _)| *s == seg)
+            })
+            .map(|(&seg, _)| seg)
+            .collect()
+    };
+    for seg in stuck {
+        carried.insert(seg);
+        let path = shared.dir.join(segment_name(seg));
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut records = Vec::new();
+        let end = journal::scan(&path, &bytes, usize::MAX, |r| {
+            if r.kind == REC_DEQUEUE {
+                journal::append_record(&mut records, REC_DEQUEUE, |o| {
+                    o.extend_from_slice(r.payload)
+                });
+            }
+            Ok(())
+        });
+        if end != End::Clean {
+            continue;
+        }
+        let mut p = shared.pending.lock();
+        let was_empty = p.chunks.is_empty();
+        let (to, out) = p.buffer_for(records.len(), shared.segment_size);
+        out.extend_from_slice(&records);
+        let older: Vec<u64> = p
+            .dependents
+            .iter()
+            .filter(|(_, later)| later.contains(&seg))
+            .map(|(&of, _)| of)
+            .collect();
+        for of in older {
+            if let Some(later) = p.dependents.get_mut(&of) {
+                later.remove(&seg);
+            }
+            p.depends(of, to);
+        }
+        p.needed_by.remove(&seg);
+        drop(p);
+        if was_empty {
+            shared.wake.notify_one();
+        }
+        tracing::debug!(target: "Store", "Store: carried the dequeue records of {} forward", path.display());
     }
 }
 
@@ -1149,6 +1252,8 @@ struct Recovered {
     /// Per queue key, the highest id any record names (enqueue, dequeue, next ids).
     highest: HashMap<u64, u64>,
     segments: Vec<u64>,
+    /// Per segment, the later segments with dequeue records of its enqueues.
+    dependents: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 fn read_messages(
@@ -1170,6 +1275,7 @@ fn read_messages(
         let path = dir.join(segment_name(n));
         let by_key = &mut out.by_key;
         let highest = &mut out.highest;
+        let dependents = &mut out.dependents;
         let mut saw = |key: u64, id: u64| {
             let h = highest.entry(key).or_insert(0);
             *h = (*h).max(id);
@@ -1214,8 +1320,11 @@ fn read_messages(
                         let key = rd.u64()?;
                         let id = rd.u64()?;
                         saw(key, id);
-                        if let Some(m) = by_key.get_mut(&key) {
-                            m.remove(&id);
+                        if let Some(m) = by_key.get_mut(&key)
+                            && let Some(gone) = m.remove(&id)
+                            && gone.segment < n
+                        {
+                            dependents.entry(gone.segment).or_default().insert(n);
                         }
                     }
                     REC_NEXT_IDS => {
