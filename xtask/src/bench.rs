@@ -24,6 +24,8 @@
 
 #[path = "bench_replication.rs"]
 mod replication;
+#[path = "bench_store.rs"]
+mod store;
 
 use anyhow::{Context, Result, bail, ensure};
 use std::fmt::Write as _;
@@ -45,6 +47,9 @@ timed `qpid-config queues` calls) and cli-list-10k (10,000 queues listed --runs 
 --json).
 Issue 4's replication measures (qpidd only, two brokers with --ha-queue-replication yes):
 repl-confirm, repl-lag, repl-reconnect, repl-catchup, or `replication` for all four.
+Issue 6's durable-store measures (qpidd with --data-dir, vs RabbitMQ where it has a counterpart):
+store-confirm, store-latency, store-replica, store-cluster, store-recovery, store-disk, or
+`store` for all six.
 ";
 
 /// What a scenario measures and how it is judged.
@@ -320,8 +325,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         })
         .collect();
     let repl_keys = replication::selected(&opts.only);
+    let store_keys = store::selected(&opts.only);
     ensure!(
-        !selected.is_empty() || !repl_keys.is_empty(),
+        !selected.is_empty() || !repl_keys.is_empty() || !store_keys.is_empty(),
         "--only matched no scenario\n{USAGE}"
     );
     let machine = machine_info();
@@ -411,6 +417,23 @@ pub fn run(args: &[String]) -> Result<bool> {
     for r in &repl {
         misbehaved.extend(r.problems.iter().map(|p| format!("replication: {p}")));
     }
+    // The store's single RabbitMQ node keeps its files in this run's directory.
+    let store_rabbit_dir = env.runs_dir.join("rabbitmq-store");
+    let store_results = store::run(
+        &store::StoreEnv {
+            qpidd: &env.qpidd,
+            perftest: &env.perftest,
+            qpid_ha: &qpid_ha,
+            runs_dir: &env.runs_dir,
+            opts: &opts,
+            rabbit_server: env.rabbit_server.as_deref(),
+            rabbit_dir: &store_rabbit_dir,
+        },
+        &store_keys,
+    );
+    for r in &store_results {
+        misbehaved.extend(r.problems.iter().map(|p| format!("store: {p}")));
+    }
     let mut table = if results.is_empty() {
         String::new()
     } else {
@@ -421,6 +444,12 @@ pub fn run(args: &[String]) -> Result<bool> {
             table.push('\n');
         }
         table.push_str(&replication::render_table(&repl));
+    }
+    if !store_results.is_empty() {
+        if !table.is_empty() {
+            table.push('\n');
+        }
+        table.push_str(&store::render_table(&store_results));
     }
     println!("\n{table}");
     let elapsed = started.elapsed().as_secs_f64();
@@ -444,6 +473,15 @@ pub fn run(args: &[String]) -> Result<bool> {
         (
             "replication".into(),
             Json::Arr(repl.iter().map(replication::ReplResult::to_json).collect()),
+        ),
+        (
+            "store".into(),
+            Json::Arr(
+                store_results
+                    .iter()
+                    .map(store::StoreResult::to_json)
+                    .collect(),
+            ),
         ),
         ("table".into(), Json::Str(table.clone())),
     ]);

@@ -1,0 +1,1733 @@
+//! The durable store's speed measures (issue 6), part of `cargo xtask bench` (keys
+//! `store-confirm`, `store-latency`, `store-replica`, `store-cluster`, `store-recovery`,
+//! `store-disk`, or `store` for all six).
+//!
+//! Every qpidd here is a release `qpidd --auth no --data-dir DIR` with a fresh DIR under the
+//! bench's run directory; the load is `qpid-perftest` with 1 producer, 1 consumer with manual
+//! acks (prefetch 1,000), 1 KiB persistent messages (`--persistent`: delivery mode 2, durable
+//! queue) and confirms with a window of 1,000.
+//!
+//! * `store-confirm`: closed loop (backlog capped at 50,000), qpidd vs a private RabbitMQ node
+//!   (as the issue-2 bench starts it), interleaved; ratio of the median consumed rates (≥ 3×).
+//! * `store-latency`: the same at a fixed 5,000 msg/s; p99 publish-to-confirm latency from
+//!   qpid-perftest's `confirm_latency_us` (≤ 2 ms, ours).
+//! * `store-replica`: two qpidd with `--ha-queue-replication yes`, each with its own data dir;
+//!   a durable queue with a ready replica (`qpid-ha replicate`) vs a durable queue without one
+//!   on the same original, interleaved (ratio ≥ 0.6).
+//! * `store-cluster`: three qpidd `--ha-cluster yes --ha-replicate all` (one promoted, two
+//!   `ready` backups) vs a RabbitMQ quorum queue on three local RabbitMQ nodes clustered with
+//!   `rabbitmqctl join_cluster`, interleaved (ratio ≥ 2.5×).
+//! * `store-recovery`: 1,000,000 persistent 1 KiB messages on one durable queue, SIGTERM, start
+//!   again on the same data dir: process start → depth 1,000,000 (passive queue.declare) and →
+//!   first message (basic.get) (≤ 5 s).
+//! * `store-disk`: then consume and ack all of them, sample the size of `DIR/store` every 5 s
+//!   for 60 s, and report the last size (≤ 64 MiB + 1 MiB per durable queue).
+
+use super::{
+    Broker, BrokerKind, Json, Options, RawAmqp, free_port, group, method_frame, pids_named,
+    short_str, signal, stat, unique,
+};
+use anyhow::{Context, Result, bail, ensure};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The keys `--only` accepts for these measures (`store` selects all).
+pub(super) const KEYS: [&str; 6] = [
+    "store-confirm",
+    "store-latency",
+    "store-replica",
+    "store-cluster",
+    "store-recovery",
+    "store-disk",
+];
+
+/// The store keys `--only` selects (all six without `--only`).
+pub(super) fn selected(only: &Option<Vec<String>>) -> Vec<&'static str> {
+    KEYS.iter()
+        .copied()
+        .filter(|k| {
+            only.as_ref()
+                .is_none_or(|o| o.iter().any(|x| x == k || x == "store"))
+        })
+        .collect()
+}
+
+/// Messages of `store-recovery`.
+const RECOVERY_MESSAGES: u64 = 1_000_000;
+/// Fixed rate of `store-latency`.
+const LATENCY_RATE: u32 = 5_000;
+/// `store-disk` samples the store's size this long after the last ack...
+const DISK_WAIT_S: u64 = 60;
+/// ...every this many seconds.
+const DISK_EVERY_S: u64 = 5;
+
+/// Paths and options the measures need.
+pub(super) struct StoreEnv<'a> {
+    pub qpidd: &'a Path,
+    pub perftest: &'a Path,
+    pub qpid_ha: &'a Path,
+    pub runs_dir: &'a Path,
+    pub opts: &'a Options,
+    /// `rabbitmq-server` (the script `find_rabbitmq` chose), when RabbitMQ is compared.
+    pub rabbit_server: Option<&'a Path>,
+    /// Where the single RabbitMQ node keeps its files (the issue-2 bench's directory).
+    pub rabbit_dir: &'a Path,
+}
+
+/// One measure's outcome: table rows, details for the JSON report, problems.
+pub(super) struct StoreResult {
+    key: &'static str,
+    title: &'static str,
+    rows: Vec<StoreRow>,
+    detail: Vec<(String, Json)>,
+    pub problems: Vec<String>,
+}
+
+struct StoreRow {
+    metric: String,
+    value: String,
+    target: String,
+    met: Option<bool>,
+}
+
+impl StoreResult {
+    fn new(key: &'static str, title: &'static str) -> Self {
+        StoreResult {
+            key,
+            title,
+            rows: Vec::new(),
+            detail: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, metric: &str, value: String, target: &str, met: Option<bool>) {
+        println!("    {metric}: {value}");
+        self.rows.push(StoreRow {
+            metric: metric.into(),
+            value,
+            target: target.into(),
+            met,
+        });
+    }
+
+    pub(super) fn to_json(&self) -> Json {
+        let mut fields = vec![
+            ("key".into(), Json::Str(self.key.into())),
+            ("title".into(), Json::Str(self.title.into())),
+            (
+                "rows".into(),
+                Json::Arr(
+                    self.rows
+                        .iter()
+                        .map(|r| {
+                            Json::Obj(vec![
+                                ("metric".into(), Json::Str(r.metric.clone())),
+                                ("value".into(), Json::Str(r.value.clone())),
+                                ("target".into(), Json::Str(r.target.clone())),
+                                ("met".into(), r.met.map_or(Json::Null, Json::Bool)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+            (
+                "problems".into(),
+                Json::Arr(self.problems.iter().map(|p| Json::Str(p.clone())).collect()),
+            ),
+        ];
+        fields.extend(self.detail.iter().cloned());
+        Json::Obj(fields)
+    }
+}
+
+/// The store table, in the style of the replication one.
+pub(super) fn render_table(results: &[StoreResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| store measure (issue 6) | metric | measured | target | verdict |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---|---|");
+    for r in results {
+        for (i, row) in r.rows.iter().enumerate() {
+            let verdict = match row.met {
+                Some(true) => "met",
+                Some(false) => "**MISSED**",
+                None if row.target.is_empty() => "",
+                None => "n/a",
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                if i == 0 { r.title } else { "" },
+                row.metric,
+                row.value,
+                row.target,
+                verdict
+            );
+        }
+        if !r.problems.is_empty() {
+            let _ = writeln!(
+                out,
+                "| {} | | | {} problem(s): {} | |",
+                if r.rows.is_empty() { r.title } else { "" },
+                r.problems.len(),
+                r.problems.join("; ").replace('|', "/")
+            );
+        }
+    }
+    out
+}
+
+/// Runs the selected measures; an error in one is recorded as its problem and the others go on.
+pub(super) fn run(env: &StoreEnv<'_>, keys: &[&str]) -> Vec<StoreResult> {
+    let mut results = Vec::new();
+    let has = |k: &str| keys.contains(&k);
+    if has("store-confirm") || has("store-latency") {
+        println!("==> [bench] store: store-confirm / store-latency");
+        let mut confirm = StoreResult::new(
+            "store-confirm",
+            "1→1, 1 KiB persistent, durable queue, confirms 1,000, manual acks",
+        );
+        let mut latency = StoreResult::new(
+            "store-latency",
+            "the same at a fixed 5,000 msg/s: publish-to-confirm latency",
+        );
+        if let Err(e) = env.confirm_and_latency(
+            has("store-confirm").then_some(&mut confirm),
+            has("store-latency").then_some(&mut latency),
+        ) {
+            eprintln!("==> [bench] store-confirm/latency failed: {e:#}");
+            let r = if has("store-confirm") {
+                &mut confirm
+            } else {
+                &mut latency
+            };
+            r.problems.push(format!("{e:#}"));
+        }
+        if has("store-confirm") {
+            results.push(confirm);
+        }
+        if has("store-latency") {
+            results.push(latency);
+        }
+    }
+    if has("store-replica") {
+        println!("==> [bench] store: store-replica");
+        let mut r = StoreResult::new(
+            "store-replica",
+            "same load, durable queue with a ready replica vs none",
+        );
+        if let Err(e) = env.replica(&mut r) {
+            eprintln!("==> [bench] store-replica failed: {e:#}");
+            r.problems.push(format!("{e:#}"));
+        }
+        results.push(r);
+    }
+    if has("store-cluster") {
+        println!("==> [bench] store: store-cluster");
+        let mut r = StoreResult::new(
+            "store-cluster",
+            "same load, primary + 2 ready backups vs RabbitMQ 3-node quorum queue",
+        );
+        if let Err(e) = env.cluster(&mut r) {
+            eprintln!("==> [bench] store-cluster failed: {e:#}");
+            r.problems.push(format!("{e:#}"));
+        }
+        results.push(r);
+    }
+    if has("store-recovery") || has("store-disk") {
+        println!("==> [bench] store: store-recovery / store-disk");
+        let mut rec = StoreResult::new(
+            "store-recovery",
+            "restart with 1,000,000 persistent 1 KiB messages on one durable queue",
+        );
+        let mut disk = StoreResult::new(
+            "store-disk",
+            "disk used after all 1,000,000 are consumed and acked, + 60 s",
+        );
+        let want_disk = has("store-disk");
+        if let Err(e) = env.recovery_and_disk(&mut rec, want_disk.then_some(&mut disk)) {
+            eprintln!("==> [bench] store-recovery/disk failed: {e:#}");
+            if has("store-recovery") {
+                rec.problems.push(format!("{e:#}"));
+            } else {
+                disk.problems.push(format!("{e:#}"));
+            }
+        }
+        if has("store-recovery") {
+            results.push(rec);
+        } else {
+            disk.problems.extend(rec.problems);
+        }
+        if want_disk {
+            results.push(disk);
+        }
+    }
+    results
+}
+
+/// The figures of one perftest run.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    consumed: Option<f64>,
+    published: Option<f64>,
+    confirm_p50_us: Option<f64>,
+    confirm_p99_us: Option<f64>,
+    e2e_p99_us: Option<f64>,
+    broker_us: Option<f64>,
+    /// CPU of every other process on the machine during the window, in cores.
+    other_cores: Option<f64>,
+}
+
+impl Figures {
+    fn of(report: &Json) -> Figures {
+        Figures {
+            consumed: report.num("consume_rate"),
+            published: report.num("publish_rate"),
+            confirm_p50_us: report.num("confirm_latency_us.p50"),
+            confirm_p99_us: report.num("confirm_latency_us.p99"),
+            e2e_p99_us: report.num("latency_us.p99"),
+            broker_us: report.num("cpu.broker_us_per_msg"),
+            other_cores: report
+                .num("cpu.other_s")
+                .zip(report.num("window_s"))
+                .filter(|(_, w)| *w > 0.0)
+                .map(|(o, w)| o / w),
+        }
+    }
+
+    fn text(&self) -> String {
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| group(v, 0));
+        format!(
+            "consumed {} msg/s, published {} msg/s, confirm p50 {} µs p99 {} µs, end-to-end p99 {} µs, broker {} µs/msg, other processes {} cores",
+            f(self.consumed),
+            f(self.published),
+            f(self.confirm_p50_us),
+            f(self.confirm_p99_us),
+            f(self.e2e_p99_us),
+            self.broker_us.map_or("-".into(), |v| format!("{v:.1}")),
+            self.other_cores.map_or("-".into(), |v| format!("{v:.2}"))
+        )
+    }
+}
+
+/// `median [min–max]` of `v` with `d` decimals.
+fn fmt_stat(v: &[f64], d: usize) -> String {
+    stat(v).map_or("-".into(), |s| {
+        format!(
+            "{} [{}–{}] (n {})",
+            group(s.median, d),
+            group(s.min, d),
+            group(s.max, d),
+            s.n
+        )
+    })
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    stat(v).map(|s| s.median)
+}
+
+/// Total size of the regular files under `dir` (recursively), and how many there are.
+fn dir_size(dir: &Path) -> (u64, usize) {
+    let mut total = (0, 0);
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => {
+                    let (b, n) = dir_size(&e.path());
+                    total.0 += b;
+                    total.1 += n;
+                }
+                Ok(m) if m.is_file() => {
+                    total.0 += m.len();
+                    total.1 += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// `du -sk DIR` in KiB.
+fn du_kib(dir: &Path) -> Option<u64> {
+    let out = Command::new("du").arg("-sk").arg(dir).output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / 1024.0 / 1024.0)
+}
+
+impl StoreEnv<'_> {
+    fn data_dir(&self, label: &str) -> Result<PathBuf> {
+        let d = self.runs_dir.join(format!("store-{label}-{}", unique()));
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(d)
+    }
+
+    /// A release qpidd with a fresh data dir (or `dir`), plus `extra` arguments.
+    fn qpidd(&self, dir: &Path, extra: &[&str]) -> Result<Broker> {
+        let d = dir.to_str().context("non-UTF-8 data directory")?;
+        let mut args = vec!["--data-dir", d, "--auth", "no"];
+        if !extra.contains(&"--port") {
+            args.extend(["--port", "0"]);
+        }
+        args.extend(extra);
+        let b = Broker::start_qpidd(self.qpidd, self.runs_dir, &args)?;
+        println!(
+            "    qpidd {} → 127.0.0.1:{} (log {})",
+            args.join(" "),
+            b.port,
+            b.log.display()
+        );
+        Ok(b)
+    }
+
+    /// One `qpid-perftest` run; its JSON report and problems.
+    fn perftest(
+        &self,
+        label: &str,
+        args: &[String],
+        limit: Duration,
+    ) -> Result<(Json, Vec<String>)> {
+        let base = self.runs_dir.join(format!("{label}-{}", unique()));
+        let out_path = base.with_extension("json");
+        let err_path = base.with_extension("err");
+        let mut child = Command::new(self.perftest)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path)?)
+            .stderr(fs::File::create(&err_path)?)
+            .spawn()
+            .context("starting qpid-perftest")?;
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("qpid-perftest {} hung and was killed", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+        ensure!(
+            status.success(),
+            "qpid-perftest {} failed ({status}): {}",
+            args.join(" "),
+            stderr.trim()
+        );
+        let report = Json::parse(&fs::read_to_string(&out_path)?)
+            .with_context(|| format!("parsing {}", out_path.display()))?;
+        let mut problems = Vec::new();
+        for key in ["problems", "errors"] {
+            if let Some(Json::Arr(ps)) = report.get(key) {
+                problems.extend(ps.iter().filter_map(|p| p.as_str().map(str::to_string)));
+            }
+        }
+        for key in ["messages.lost", "messages.duplicates", "messages.nacked"] {
+            if report.num(key).unwrap_or(0.0) > 0.0 {
+                problems.push(format!("{key}: {}", report.num(key).unwrap_or(0.0)));
+            }
+        }
+        Ok((report, problems))
+    }
+
+    /// The load of every measure: 1→1, 1 KiB persistent, confirms 1,000, manual acks.
+    /// `queue`: a predeclared queue (else perftest declares a fresh durable one).
+    fn load_args(&self, b: &Broker, queue: Option<&str>, rate: Option<u32>) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--uri".into(),
+            b.uri(),
+            "--json".into(),
+            "--broker-pid".into(),
+            b.pid.to_string(),
+        ];
+        for a in [
+            "--producers",
+            "1",
+            "--consumers",
+            "1",
+            "--size",
+            "1024",
+            "--persistent",
+            "--confirm",
+            "1000",
+            "--prefetch",
+            "1000",
+        ] {
+            args.push(a.into());
+        }
+        match rate {
+            Some(r) => args.extend(["--rate".into(), r.to_string()]),
+            None => args.extend(["--max-backlog".into(), "50000".into()]),
+        }
+        if let Some(q) = queue {
+            args.extend(["--queue".into(), q.into(), "--predeclared".into()]);
+        }
+        args.extend([
+            "--warmup-seconds".into(),
+            self.opts.warmup.to_string(),
+            "--seconds".into(),
+            self.opts.seconds.to_string(),
+        ]);
+        args
+    }
+
+    fn perftest_limit(&self) -> Duration {
+        Duration::from_secs_f64(self.opts.warmup + self.opts.seconds + 90.0)
+    }
+
+    /// Runs `targets` (label, broker, queue) `--runs` times each, alternating the order, with
+    /// `rate`; the figures of each valid run by target, and every run's record.
+    fn interleaved(
+        &self,
+        key: &str,
+        targets: &[(&str, &Broker, Option<&str>)],
+        rate: Option<u32>,
+        res: &mut StoreResult,
+        mut check: impl FnMut(&str, usize) -> Result<Option<String>>,
+    ) -> Result<Vec<Vec<Figures>>> {
+        let mut figs = vec![Vec::new(); targets.len()];
+        let mut records = Vec::new();
+        for run in 0..self.opts.runs {
+            let order: Vec<usize> = if run % 2 == 0 {
+                (0..targets.len()).collect()
+            } else {
+                (0..targets.len()).rev().collect()
+            };
+            for i in order {
+                let (label, broker, queue) = targets[i];
+                let args = self.load_args(broker, queue, rate);
+                let (report, mut problems) = self.perftest(
+                    &format!("{key}-{}-{run}", label.replace(' ', "-")),
+                    &args,
+                    self.perftest_limit(),
+                )?;
+                if let Some(p) = check(label, run)? {
+                    problems.push(p);
+                }
+                let f = Figures::of(&report);
+                println!(
+                    "    run {run} {label:<16} {}{}",
+                    f.text(),
+                    if problems.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" INVALID: {}", problems.join("; "))
+                    }
+                );
+                if problems.is_empty() {
+                    figs[i].push(f);
+                } else {
+                    res.problems.extend(
+                        problems
+                            .iter()
+                            .map(|p| format!("{label} run {run}: {p} ({})", args.join(" "))),
+                    );
+                }
+                records.push(Json::Obj(vec![
+                    ("target".into(), Json::Str(label.into())),
+                    ("run".into(), Json::Num(run as f64)),
+                    ("command".into(), Json::Str(args.join(" "))),
+                    (
+                        "problems".into(),
+                        Json::Arr(problems.iter().map(|p| Json::Str(p.clone())).collect()),
+                    ),
+                    ("report".into(), report),
+                ]));
+            }
+        }
+        res.detail.push(("runs".into(), Json::Arr(records)));
+        Ok(figs)
+    }
+
+    /// `store-confirm` and `store-latency` on one qpidd (fresh data dir) and one RabbitMQ.
+    fn confirm_and_latency(
+        &self,
+        confirm: Option<&mut StoreResult>,
+        latency: Option<&mut StoreResult>,
+    ) -> Result<()> {
+        let dir = self.data_dir("confirm")?;
+        let mut ours = self.qpidd(&dir, &[])?;
+        let mut theirs = match self.rabbit_server {
+            Some(s) => {
+                let b = Broker::start_rabbitmq(s, self.rabbit_dir)?;
+                println!(
+                    "    RabbitMQ on 127.0.0.1:{} (log {})",
+                    b.port,
+                    b.log.display()
+                );
+                Some(b)
+            }
+            None => None,
+        };
+        let mut targets: Vec<(&str, &Broker, Option<&str>)> = vec![("qpidd", &ours, None)];
+        if let Some(t) = &theirs {
+            targets.push(("rabbitmq", t, None));
+        }
+        if let Some(res) = confirm {
+            let figs = self.interleaved("store-confirm", &targets, None, res, |_, _| Ok(None))?;
+            let rates = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
+                figs.get(i)
+                    .map(|v| v.iter().filter_map(f).collect())
+                    .unwrap_or_default()
+            };
+            let (oc, tc) = (rates(0, |f| f.consumed), rates(1, |f| f.consumed));
+            res.row("qpidd msgs/s consumed", fmt_stat(&oc, 0), "", None);
+            res.row("RabbitMQ msgs/s consumed", fmt_stat(&tc, 0), "", None);
+            let ratio = median(&oc).zip(median(&tc)).map(|(a, b)| a / b);
+            res.row(
+                "ours / RabbitMQ (medians)",
+                ratio.map_or("- (no RabbitMQ)".into(), |r| format!("{r:.2}×")),
+                "≥ 3×",
+                ratio.map(|r| r >= 3.0),
+            );
+            let (op, tp) = (rates(0, |f| f.published), rates(1, |f| f.published));
+            res.row(
+                "msgs/s published (confirmed), qpidd / RabbitMQ",
+                format!("{} / {}", fmt_stat(&op, 0), fmt_stat(&tp, 0)),
+                "",
+                None,
+            );
+            let (ol, tl) = (
+                rates(0, |f| f.confirm_p99_us),
+                rates(1, |f| f.confirm_p99_us),
+            );
+            res.row(
+                "publish-to-confirm p99 µs (window 1,000), qpidd / RabbitMQ",
+                format!("{} / {}", fmt_stat(&ol, 0), fmt_stat(&tl, 0)),
+                "",
+                None,
+            );
+            let (ob, tb) = (rates(0, |f| f.broker_us), rates(1, |f| f.broker_us));
+            res.row(
+                "broker CPU µs/msg, qpidd / RabbitMQ",
+                format!("{} / {}", fmt_stat(&ob, 1), fmt_stat(&tb, 1)),
+                "",
+                None,
+            );
+            let (oo, to) = (rates(0, |f| f.other_cores), rates(1, |f| f.other_cores));
+            res.row(
+                "other processes' CPU during the runs (cores of 2), qpidd / RabbitMQ runs",
+                format!("{} / {}", fmt_stat(&oo, 2), fmt_stat(&to, 2)),
+                "",
+                None,
+            );
+        }
+        if let Some(res) = latency {
+            let figs = self.interleaved(
+                "store-latency",
+                &targets,
+                Some(LATENCY_RATE),
+                res,
+                |_, _| Ok(None),
+            )?;
+            let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
+                figs.get(i)
+                    .map(|v| v.iter().filter_map(f).collect())
+                    .unwrap_or_default()
+            };
+            let o99 = get(0, |f| f.confirm_p99_us);
+            let ms = |v: &[f64]| {
+                stat(v).map_or("-".into(), |s| {
+                    format!(
+                        "{:.2} ms [{:.2}–{:.2}] (n {})",
+                        s.median / 1e3,
+                        s.min / 1e3,
+                        s.max / 1e3,
+                        s.n
+                    )
+                })
+            };
+            res.row(
+                "qpidd p99 publish-to-confirm (median of runs)",
+                ms(&o99),
+                "≤ 2 ms",
+                median(&o99).map(|m| m <= 2000.0),
+            );
+            res.row(
+                "qpidd p50 publish-to-confirm",
+                ms(&get(0, |f| f.confirm_p50_us)),
+                "",
+                None,
+            );
+            res.row(
+                "RabbitMQ p99 / p50 publish-to-confirm",
+                format!(
+                    "{} / {}",
+                    ms(&get(1, |f| f.confirm_p99_us)),
+                    ms(&get(1, |f| f.confirm_p50_us))
+                ),
+                "",
+                None,
+            );
+            res.row(
+                "end-to-end p99, qpidd / RabbitMQ",
+                format!(
+                    "{} / {}",
+                    ms(&get(0, |f| f.e2e_p99_us)),
+                    ms(&get(1, |f| f.e2e_p99_us))
+                ),
+                "",
+                None,
+            );
+            res.row(
+                "other processes' CPU during the runs (cores of 2), qpidd / RabbitMQ runs",
+                format!(
+                    "{} / {}",
+                    fmt_stat(&get(0, |f| f.other_cores), 2),
+                    fmt_stat(&get(1, |f| f.other_cores), 2)
+                ),
+                "",
+                None,
+            );
+        }
+        let mut problems = Vec::new();
+        if !ours.alive() {
+            problems.push(format!("qpidd exited; see {}", ours.log.display()));
+        }
+        if let Some(t) = &mut theirs
+            && !t.alive()
+        {
+            problems.push(format!("RabbitMQ exited; see {}", t.log.display()));
+        }
+        ours.stop();
+        if let Some(t) = theirs {
+            t.stop();
+        }
+        ensure!(problems.is_empty(), "{}", problems.join("; "));
+        Ok(())
+    }
+
+    /// `store-replica`: original + replica broker, a durable replicated queue and a durable
+    /// plain queue on the same original.
+    fn replica(&self, res: &mut StoreResult) -> Result<()> {
+        let (repl_q, plain_q) = ("bench-store-repl", "bench-store-plain");
+        let ha = ["--ha-queue-replication", "yes"];
+        let original = self.qpidd(&self.data_dir("original")?, &ha)?;
+        let replica = self.qpidd(&self.data_dir("replica")?, &ha)?;
+        for (port, queues) in [
+            (original.port, &[repl_q, plain_q][..]),
+            (replica.port, &[repl_q][..]),
+        ] {
+            let mut a = Amqp::connect(port)?;
+            for q in queues {
+                a.declare(q, DURABLE, &[])?;
+            }
+            a.close()?;
+        }
+        let b = format!("127.0.0.1:{}", replica.port);
+        let orig = format!("127.0.0.1:{}", original.port);
+        let args = ["replicate", "-b", &b, &orig, repl_q];
+        let out = run_limited(self.qpid_ha, &args, Duration::from_secs(30))?;
+        ensure!(
+            out.0.success() && !out.2.contains("keeps trying"),
+            "`qpid-ha {}` failed ({}): {} {}",
+            args.join(" "),
+            out.0,
+            out.1.trim(),
+            out.2.trim()
+        );
+        let mut mgmt = Mgmt::connect(replica.port)?;
+        let state = |m: &mut Mgmt| -> Result<String> {
+            let v = m.ha()?;
+            Ok(find_row(&v, "replicas", repl_q)
+                .and_then(|r| r.str("state").map(str::to_string))
+                .unwrap_or_else(|| "no replica row".into()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = state(&mut mgmt)?;
+            if s == "ready" {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "replica of {repl_q} not ready after 30 s: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("    replica of {repl_q} ready");
+        let targets = [
+            ("ready replica", &original, Some(repl_q)),
+            ("no replica", &original, Some(plain_q)),
+        ];
+        let figs = self.interleaved("store-replica", &targets, None, res, |label, _| {
+            if label != "ready replica" {
+                return Ok(None);
+            }
+            let s = state(&mut mgmt)?;
+            Ok((s != "ready").then(|| format!("the replica is {s} after the run")))
+        })?;
+        let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
+            figs[i].iter().filter_map(f).collect()
+        };
+        let (w, p) = (get(0, |f| f.consumed), get(1, |f| f.consumed));
+        res.row("msgs/s consumed, ready replica", fmt_stat(&w, 0), "", None);
+        res.row("msgs/s consumed, no replica", fmt_stat(&p, 0), "", None);
+        let ratio = median(&w).zip(median(&p)).map(|(a, b)| a / b);
+        res.row(
+            "ratio of medians",
+            ratio.map_or("-".into(), |r| format!("{r:.2}×")),
+            "≥ 0.6×",
+            ratio.map(|r| r >= 0.6),
+        );
+        res.row(
+            "publish-to-confirm p99 µs, replica / none",
+            format!(
+                "{} / {}",
+                fmt_stat(&get(0, |f| f.confirm_p99_us), 0),
+                fmt_stat(&get(1, |f| f.confirm_p99_us), 0)
+            ),
+            "",
+            None,
+        );
+        for (name, mut b) in [("original", original), ("replica", replica)] {
+            if !b.alive() {
+                res.problems
+                    .push(format!("the {name} broker exited; see {}", b.log.display()));
+            }
+            b.stop();
+        }
+        Ok(())
+    }
+
+    /// `qpid-ha ARGS` with a deadline: success and stdout.
+    fn qpid_ha(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = run_limited(self.qpid_ha, args, Duration::from_secs(20))?;
+        Ok((out.0.success(), format!("{}{}", out.1, out.2)))
+    }
+
+    /// `store-cluster`: our three-member cluster vs a RabbitMQ three-node quorum queue.
+    fn cluster(&self, res: &mut StoreResult) -> Result<()> {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+        let url: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let url = url.join(",");
+        let mut members = Vec::new();
+        for p in &ports {
+            let port = p.to_string();
+            members.push(self.qpidd(
+                &self.data_dir("member")?,
+                &[
+                    "--port",
+                    &port,
+                    "--ha-cluster",
+                    "yes",
+                    "--ha-brokers-url",
+                    &url,
+                    "--ha-replicate",
+                    "all",
+                    "--link-maintenance-interval",
+                    "0.1s",
+                ],
+            )?);
+        }
+        let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+        let (ok, out) = self.qpid_ha(&["promote", "--cluster-manager", "-b", &addr(0)])?;
+        ensure!(ok, "qpid-ha promote failed: {}", out.trim());
+        let q = "bench-store-cluster";
+        let mut a = Amqp::connect(ports[0])?;
+        a.declare(q, DURABLE, &[])?;
+        a.close()?;
+        let wait_ready = |limit: Duration| -> Result<Vec<String>> {
+            let deadline = Instant::now() + limit;
+            loop {
+                let mut statuses = Vec::new();
+                for i in 0..3 {
+                    statuses.push(
+                        self.qpid_ha(&["status", "-b", &addr(i)])?
+                            .1
+                            .trim()
+                            .to_string(),
+                    );
+                }
+                if statuses[0] == "active" && statuses[1..].iter().all(|s| s == "ready") {
+                    return Ok(statuses);
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "cluster not primary active + 2 ready backups within {limit:?}: {statuses:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        };
+        let t0 = Instant::now();
+        let st = wait_ready(Duration::from_secs(60))?;
+        println!(
+            "    qpidd cluster: {st:?} {:.1} s after promote + declare",
+            t0.elapsed().as_secs_f64()
+        );
+
+        // RabbitMQ: three nodes, clustered, a quorum queue with three members.
+        let rabbit = match self.rabbit_server {
+            None => {
+                res.problems
+                    .push("rabbitmq-server not installed: ours alone".into());
+                None
+            }
+            Some(server) => match RabbitCluster::start(server, &self.runs_dir.join("rabbit3")) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let msg = format!("RabbitMQ 3-node cluster failed: {e:#}");
+                    eprintln!("==> [bench] {msg}");
+                    res.problems.push(msg);
+                    None
+                }
+            },
+        };
+        let rq = "bench-store-quorum";
+        if let Some(c) = &rabbit {
+            let mut a = Amqp::connect(c.nodes[0].port)?;
+            let mut table = Vec::new();
+            short_str(&mut table, "x-queue-type");
+            table.push(b'S');
+            table.extend_from_slice(&6u32.to_be_bytes());
+            table.extend_from_slice(b"quorum");
+            a.declare(rq, DURABLE, &table)?;
+            a.close()?;
+            let info = c.ctl(0, &["list_queues", "name", "type", "leader", "members"])?;
+            println!("    RabbitMQ queues: {}", info.trim().replace('\n', " | "));
+            res.detail
+                .push(("rabbitmq_queues".into(), Json::Str(info.trim().into())));
+        }
+        let mut targets: Vec<(&str, &Broker, Option<&str>)> =
+            vec![("qpidd cluster", &members[0], Some(q))];
+        if let Some(c) = &rabbit {
+            targets.push(("rabbitmq quorum", &c.nodes[0], Some(rq)));
+        }
+        let figs = self.interleaved("store-cluster", &targets, None, res, |label, _| {
+            if label != "qpidd cluster" {
+                return Ok(None);
+            }
+            let mut st = Vec::new();
+            for i in 1..3 {
+                st.push(
+                    self.qpid_ha(&["status", "-b", &addr(i)])?
+                        .1
+                        .trim()
+                        .to_string(),
+                );
+            }
+            Ok(st
+                .iter()
+                .any(|s| s != "ready")
+                .then(|| format!("backups after the run: {st:?}")))
+        })?;
+        let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
+            figs.get(i)
+                .map(|v| v.iter().filter_map(f).collect())
+                .unwrap_or_default()
+        };
+        let (o, t) = (get(0, |f| f.consumed), get(1, |f| f.consumed));
+        res.row(
+            "qpidd primary + 2 ready backups, msgs/s consumed",
+            fmt_stat(&o, 0),
+            "",
+            None,
+        );
+        res.row(
+            "RabbitMQ quorum queue (3 nodes), msgs/s consumed",
+            fmt_stat(&t, 0),
+            "",
+            None,
+        );
+        let ratio = median(&o).zip(median(&t)).map(|(a, b)| a / b);
+        res.row(
+            "ours / RabbitMQ (medians)",
+            ratio.map_or("- (no RabbitMQ figure)".into(), |r| format!("{r:.2}×")),
+            "≥ 2.5×",
+            ratio.map(|r| r >= 2.5),
+        );
+        res.row(
+            "publish-to-confirm p99 µs, qpidd / RabbitMQ",
+            format!(
+                "{} / {}",
+                fmt_stat(&get(0, |f| f.confirm_p99_us), 0),
+                fmt_stat(&get(1, |f| f.confirm_p99_us), 0)
+            ),
+            "",
+            None,
+        );
+        for (i, mut b) in members.into_iter().enumerate() {
+            if !b.alive() {
+                res.problems
+                    .push(format!("qpidd member {i} exited; see {}", b.log.display()));
+            }
+            b.stop();
+        }
+        if let Some(c) = rabbit {
+            c.stop();
+        }
+        Ok(())
+    }
+
+    /// `store-recovery` and `store-disk` on one broker and data dir.
+    fn recovery_and_disk(
+        &self,
+        rec: &mut StoreResult,
+        disk: Option<&mut StoreResult>,
+    ) -> Result<()> {
+        let q = "bench-store-recovery";
+        let dir = self.data_dir("recovery")?;
+        let store = dir.join("store");
+        let broker = self.qpidd(&dir, &[])?;
+        let count = RECOVERY_MESSAGES.to_string();
+        let args: Vec<String> = [
+            "--uri",
+            &broker.uri(),
+            "--json",
+            "--producers",
+            "1",
+            "--size",
+            "1024",
+            "--count",
+            &count,
+            "--no-consume",
+            "--persistent",
+            "--confirm",
+            "1000",
+            "--queue",
+            q,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let t_fill = Instant::now();
+        let (report, problems) =
+            self.perftest("store-recovery-fill", &args, Duration::from_secs(300))?;
+        let fill_s = t_fill.elapsed().as_secs_f64();
+        ensure!(problems.is_empty(), "filling {q}: {}", problems.join("; "));
+        let mut a = Amqp::connect(broker.port)?;
+        let depth = a.declare(q, PASSIVE, &[])?;
+        a.close()?;
+        ensure!(
+            u64::from(depth) == RECOVERY_MESSAGES,
+            "{q} holds {depth} messages after the fill, not {RECOVERY_MESSAGES}"
+        );
+        let (full_bytes, full_files) = dir_size(&store);
+        rec.row(
+            "fill: 1,000,000 x 1 KiB persistent, confirms 1,000 (perftest wall time; publish rate)",
+            format!(
+                "{fill_s:.1} s; {} msg/s",
+                report
+                    .num("publish_rate")
+                    .map_or("-".into(), |r| group(r, 0))
+            ),
+            "",
+            None,
+        );
+        rec.row(
+            "store size with 1,000,000 queued",
+            format!("{} in {full_files} files", mib(full_bytes as f64)),
+            "",
+            None,
+        );
+        rec.detail
+            .push(("fill_command".into(), Json::Str(args.join(" "))));
+        let t_stop = Instant::now();
+        let mut old = broker;
+        signal("-TERM", &old.pid.to_string());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while old.alive() {
+            ensure!(
+                Instant::now() < deadline,
+                "qpidd did not exit within 60 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stop_s = t_stop.elapsed().as_secs_f64();
+        old.stop(); // reaps; already exited
+        rec.row("SIGTERM → exit", format!("{stop_s:.2} s"), "", None);
+
+        // Restart on the same data dir: times from process start.
+        let t0 = Instant::now();
+        let mut broker = self.qpidd(&dir, &[])?;
+        let listen_s = t0.elapsed().as_secs_f64();
+        let mut a = Amqp::connect(broker.port)?;
+        let limit = Instant::now() + Duration::from_secs(120);
+        let mut last;
+        let depth_s = loop {
+            last = a.declare(q, PASSIVE, &[])?;
+            if u64::from(last) == RECOVERY_MESSAGES {
+                break t0.elapsed().as_secs_f64();
+            }
+            ensure!(
+                Instant::now() < limit,
+                "{q} shows {last} of {RECOVERY_MESSAGES} messages 120 s after the restart"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let (first, redelivered) = loop {
+            if let Some(r) = a.get(q)? {
+                break r;
+            }
+            ensure!(
+                Instant::now() < limit,
+                "no message from {q} 120 s after the restart"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let first_s = t0.elapsed().as_secs_f64();
+        a.close()?; // the got message goes back to the queue
+        ensure!(
+            first.len() == 1024,
+            "first message has {} bytes",
+            first.len()
+        );
+        rec.row(
+            "start → port printed (listening)",
+            format!("{listen_s:.2} s"),
+            "",
+            None,
+        );
+        rec.row(
+            "start → depth 1,000,000 (passive declare)",
+            format!("{depth_s:.2} s"),
+            "≤ 5 s",
+            Some(depth_s <= 5.0),
+        );
+        rec.row(
+            "start → first recovered message (basic.get, after the depth check)",
+            format!(
+                "{first_s:.2} s (redelivered flag {})",
+                if redelivered { "set" } else { "NOT set" }
+            ),
+            "≤ 5 s",
+            Some(first_s <= 5.0),
+        );
+        if !redelivered {
+            rec.problems
+                .push("the first recovered message is not flagged redelivered".into());
+        }
+        let rss = fs::read_to_string(format!("/proc/{}/status", broker.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            });
+        rec.row(
+            "qpidd RSS after recovery",
+            rss.map_or("-".into(), |k| mib(k * 1024.0)),
+            "",
+            None,
+        );
+
+        if let Some(disk) = disk {
+            let t = Instant::now();
+            let consumed = consume_all(broker.port, q, RECOVERY_MESSAGES)?;
+            let consume_s = t.elapsed().as_secs_f64();
+            let mut a = Amqp::connect(broker.port)?;
+            let left = a.declare(q, PASSIVE, &[])?;
+            a.close()?;
+            disk.row(
+                "consume + ack 1,000,000 (raw client, prefetch 2,000, acks every 500)",
+                format!(
+                    "{consumed} in {consume_s:.1} s ({} msg/s); {left} left on the queue",
+                    group(consumed as f64 / consume_s, 0)
+                ),
+                "",
+                None,
+            );
+            if left != 0 {
+                disk.problems.push(format!("{left} messages left on {q}"));
+            }
+            let t_acked = Instant::now();
+            let mut samples = Vec::new();
+            for i in 0..=DISK_WAIT_S / DISK_EVERY_S {
+                let at = t_acked + Duration::from_secs(i * DISK_EVERY_S);
+                if let Some(d) = at.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                let (bytes, files) = dir_size(&store);
+                samples.push((t_acked.elapsed().as_secs_f64(), bytes, files));
+            }
+            let curve: Vec<String> = samples
+                .iter()
+                .map(|(t, b, n)| format!("{t:.0} s {:.1} MiB/{n}", *b as f64 / 1048576.0))
+                .collect();
+            disk.row(
+                "DIR/store size after the last ack (every 5 s: size/files)",
+                curve.join(", "),
+                "",
+                None,
+            );
+            let (bytes, files) = samples.last().map_or((0, 0), |s| (s.1, s.2));
+            let du = du_kib(&store);
+            let limit = 65.0 * 1024.0 * 1024.0;
+            disk.row(
+                "DIR/store at 60 s: sum of file sizes (du -sk)",
+                format!(
+                    "{} in {files} files (du {})",
+                    mib(bytes as f64),
+                    du.map_or("-".into(), |k| mib(k as f64 * 1024.0))
+                ),
+                "≤ 64 MiB + 1 MiB × 1 durable queue = 65 MiB",
+                Some(bytes as f64 <= limit && du.is_none_or(|k| k as f64 * 1024.0 <= limit)),
+            );
+            let listing: Vec<Json> = fs::read_dir(&store)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| {
+                            Json::Str(format!(
+                                "{} {}",
+                                e.file_name().to_string_lossy(),
+                                e.metadata().map(|m| m.len()).unwrap_or(0)
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            disk.detail
+                .push(("store_files_at_end".into(), Json::Arr(listing)));
+            disk.detail.push((
+                "samples".into(),
+                Json::Arr(
+                    samples
+                        .iter()
+                        .map(|s| {
+                            Json::Arr(vec![
+                                Json::Num(s.0),
+                                Json::Num(s.1 as f64),
+                                Json::Num(s.2 as f64),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ));
+        }
+        if !broker.alive() {
+            rec.problems
+                .push(format!("qpidd exited; see {}", broker.log.display()));
+        }
+        broker.stop();
+        Ok(())
+    }
+}
+
+const PASSIVE: u8 = 1;
+const DURABLE: u8 = 2;
+
+/// Consumes `n` messages of `queue` with manual acks (prefetch 2,000, basic.ack multiple every
+/// 500); returns how many arrived (stops when 15 s pass without one).
+fn consume_all(port: u16, queue: &str, n: u64) -> Result<u64> {
+    let mut a = Amqp::connect(port)?;
+    let mut qos = 0u32.to_be_bytes().to_vec();
+    qos.extend_from_slice(&2000u16.to_be_bytes());
+    qos.push(0);
+    a.c.send(1, 60, 10, &qos)?;
+    a.c.expect(1, 60, 11)?;
+    let mut c = vec![0, 0];
+    short_str(&mut c, queue);
+    short_str(&mut c, "bench-store-drain");
+    c.push(0); // no-local, no-ack, exclusive, no-wait: off
+    c.extend_from_slice(&0u32.to_be_bytes());
+    a.c.send(1, 60, 20, &c)?;
+    a.c.expect(1, 60, 21)?;
+    let mut got = 0u64;
+    let mut unacked = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while got < n {
+        ensure!(Instant::now() < deadline, "consumed {got} of {n} in 600 s");
+        let (kind, args) = a.method()?;
+        if kind != (60, 60) {
+            continue;
+        }
+        let tag_at = 1 + *args.first().context("short deliver")? as usize;
+        let tag = args.get(tag_at..tag_at + 8).context("short deliver")?;
+        let last_tag = u64::from_be_bytes(tag.try_into()?);
+        a.content()?;
+        got += 1;
+        unacked += 1;
+        if unacked >= 500 || got == n {
+            let mut ack = last_tag.to_be_bytes().to_vec();
+            ack.push(1); // multiple
+            a.c.send(1, 60, 80, &ack)?;
+            unacked = 0;
+        }
+    }
+    // connection.close waits for close-ok: every ack is in before the caller looks again.
+    a.close()?;
+    Ok(got)
+}
+
+/// A RabbitMQ cluster of three local nodes sharing one Erlang cookie.
+struct RabbitCluster {
+    dir: PathBuf,
+    nodes: Vec<Broker>,
+    names: Vec<String>,
+    home: PathBuf,
+    ctl: PathBuf,
+    epmd_before: Vec<u32>,
+}
+
+impl RabbitCluster {
+    fn start(server: &Path, dir: &Path) -> Result<RabbitCluster> {
+        let _ = fs::remove_dir_all(dir);
+        let home = dir.join("home");
+        fs::create_dir_all(&home)?;
+        let cookie = home.join(".erlang.cookie");
+        fs::write(
+            &cookie,
+            format!("QPIDBENCHSTORE{}", unique() % 1_000_000_007),
+        )?;
+        let ctl = server.with_file_name("rabbitmqctl");
+        ensure!(ctl.exists(), "no {}", ctl.display());
+        let _ = Command::new("chmod").arg("400").arg(&cookie).status();
+        let epmd_before = pids_named("epmd");
+        let mut c = RabbitCluster {
+            dir: dir.to_path_buf(),
+            nodes: Vec::new(),
+            names: Vec::new(),
+            home,
+            ctl,
+            epmd_before,
+        };
+        for i in 0..3 {
+            let name = format!("qsb{i}x{}@localhost", std::process::id());
+            let t0 = Instant::now();
+            let b = start_rabbit_node(server, &dir.join(format!("n{i}")), &name, &c.home)?;
+            println!(
+                "    RabbitMQ node {name} on 127.0.0.1:{} in {:.1} s (log {})",
+                b.port,
+                t0.elapsed().as_secs_f64(),
+                b.log.display()
+            );
+            c.nodes.push(b);
+            c.names.push(name);
+        }
+        let first = c.names[0].clone();
+        for i in 1..3 {
+            c.ctl(i, &["stop_app"])?;
+            c.ctl(i, &["join_cluster", &first])?;
+            c.ctl(i, &["start_app"])?;
+        }
+        let status = c.ctl(0, &["cluster_status"])?;
+        let running = c
+            .names
+            .iter()
+            .filter(|n| status.contains(n.as_str()))
+            .count();
+        ensure!(
+            running == 3,
+            "cluster_status does not name all three nodes: {status}"
+        );
+        println!("    RabbitMQ cluster of 3 nodes formed");
+        Ok(c)
+    }
+
+    /// `rabbitmqctl -n NODE ARGS` with the shared cookie; stdout (fails on a non-zero exit).
+    fn ctl(&self, node: usize, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.names[node].as_str()];
+        full.extend_from_slice(args);
+        let base = std::env::temp_dir().join(format!("xtask-bench-store-{}", unique()));
+        let (o, e) = (base.with_extension("out"), base.with_extension("err"));
+        let mut child = Command::new(&self.ctl)
+            .args(&full)
+            .env("HOME", &self.home)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&o)?)
+            .stderr(fs::File::create(&e)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.ctl.display()))?;
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("rabbitmqctl {} did not exit within 120 s", full.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = fs::read_to_string(&o).unwrap_or_default();
+        let err = fs::read_to_string(&e).unwrap_or_default();
+        let _ = fs::remove_file(&o);
+        let _ = fs::remove_file(&e);
+        ensure!(
+            status.success(),
+            "rabbitmqctl {} failed ({status}): {} {}",
+            full.join(" "),
+            out.trim(),
+            err.trim()
+        );
+        Ok(out)
+    }
+
+    /// Stops the nodes and removes their data (the quorum queue's log grows by ~1 GiB a run);
+    /// the logs stay.
+    fn stop(mut self) {
+        while let Some(b) = self.nodes.pop() {
+            b.stop();
+        }
+        for i in 0..self.names.len() {
+            let _ = fs::remove_dir_all(self.dir.join(format!("n{i}/mnesia")));
+        }
+        for p in pids_named("epmd") {
+            if !self.epmd_before.contains(&p) {
+                signal("-TERM", &p.to_string());
+            }
+        }
+    }
+}
+
+/// One RabbitMQ node named `name` with its files under `dir` and `HOME` = `home` (the shared
+/// cookie), on free loopback ports, as [`Broker::start_rabbitmq`] starts the single node.
+fn start_rabbit_node(server: &Path, dir: &Path, name: &str, home: &Path) -> Result<Broker> {
+    for sub in ["mnesia", "log"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    fs::write(dir.join("enabled_plugins"), "[].\n")?;
+    let port = free_port()?;
+    let dist_port = free_port()?;
+    let log = dir.join("log/startup.log");
+    let epmd_before = pids_named("epmd");
+    let mut child = Command::new(server)
+        .env("HOME", home)
+        .env("RABBITMQ_NODENAME", name)
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", dir.join("log"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(Stdio::from(fs::File::options().append(true).open(&log)?))
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", server.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if let Some(s) = child.try_wait()? {
+            bail!(
+                "rabbitmq-server {name} exited during start-up ({s}); see {}",
+                log.display()
+            );
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            signal("-KILL", &format!("-{}", child.id()));
+            bail!(
+                "RabbitMQ {name} did not open port {port} within 120 s; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let pid = super::children(child.id())
+        .into_iter()
+        .find(|&p| super::comm(p).as_deref() == Some("beam.smp"))
+        .unwrap_or(child.id());
+    Ok(Broker {
+        kind: BrokerKind::RabbitMq,
+        child,
+        pid,
+        port,
+        log,
+        epmd_before,
+        _stdout: None,
+        stopped: false,
+    })
+}
+
+/// Runs `bin ARGS` with a deadline: (status, stdout, stderr).
+fn run_limited(
+    bin: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    let base = std::env::temp_dir().join(format!("xtask-bench-store-{}", unique()));
+    let (o, e) = (base.with_extension("out"), base.with_extension("err"));
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&o)?)
+        .stderr(fs::File::create(&e)?)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} {} did not exit within {limit:?}",
+                bin.display(),
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = fs::read_to_string(&o).unwrap_or_default();
+    let err = fs::read_to_string(&e).unwrap_or_default();
+    let _ = fs::remove_file(&o);
+    let _ = fs::remove_file(&e);
+    Ok((status, out, err))
+}
+
+fn find_row(values: &Json, list: &str, queue: &str) -> Option<Json> {
+    match values.get(list)? {
+        Json::Arr(rows) => rows.iter().find(|r| r.str("queue") == Some(queue)).cloned(),
+        _ => None,
+    }
+}
+
+/// The bench's raw client with channel 1 open, plus declare with arguments, get and
+/// deliveries.
+struct Amqp {
+    c: RawAmqp,
+}
+
+impl Amqp {
+    fn connect(port: u16) -> Result<Amqp> {
+        let mut c = RawAmqp::connect(SocketAddr::from(([127, 0, 0, 1], port)), "guest", "guest")?;
+        c.send(1, 20, 10, &[0])?;
+        c.expect(1, 20, 11)?;
+        c.channel_open = true;
+        c.stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+        Ok(Amqp { c })
+    }
+
+    /// queue.declare with `flags` (1 passive, 2 durable, 4 exclusive, 8 auto-delete) and
+    /// `table` (the encoded field-table contents); the queue's message count.
+    fn declare(&mut self, name: &str, flags: u8, table: &[u8]) -> Result<u32> {
+        let mut a = vec![0, 0];
+        short_str(&mut a, name);
+        a.push(flags);
+        a.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        a.extend_from_slice(table);
+        self.c.send(1, 50, 10, &a)?;
+        let (kind, ok) = self.method()?;
+        ensure!(kind == (50, 11), "expected queue.declare-ok, got {kind:?}");
+        let n = *ok.first().context("short declare-ok")? as usize;
+        let count = ok.get(1 + n..5 + n).context("short declare-ok")?;
+        Ok(u32::from_be_bytes([count[0], count[1], count[2], count[3]]))
+    }
+
+    /// basic.publish on channel 1.
+    fn publish(&mut self, exchange: &str, key: &str, props: &[u8], body: &[u8]) -> Result<()> {
+        let mut buf = Vec::with_capacity(body.len() + 128);
+        let mut a = vec![0, 0];
+        short_str(&mut a, exchange);
+        short_str(&mut a, key);
+        a.push(0);
+        method_frame(&mut buf, 1, 60, 40, &a);
+        let mut h = Vec::new();
+        h.extend_from_slice(&60u16.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        if props.is_empty() {
+            h.extend_from_slice(&0u16.to_be_bytes());
+        } else {
+            h.extend_from_slice(props);
+        }
+        frame(&mut buf, 2, &h);
+        for chunk in body.chunks(16 * 1024) {
+            frame(&mut buf, 3, chunk);
+        }
+        self.c.stream.write_all(&buf)?;
+        Ok(())
+    }
+
+    /// basic.get without no-ack: (body, redelivered), or None when the queue is empty. The
+    /// message stays unacknowledged until the connection closes.
+    fn get(&mut self, queue: &str) -> Result<Option<(Vec<u8>, bool)>> {
+        let mut a = vec![0, 0];
+        short_str(&mut a, queue);
+        a.push(0);
+        self.c.send(1, 60, 70, &a)?;
+        let (kind, payload) = self.method()?;
+        match kind {
+            (60, 71) => {
+                let redelivered = payload.get(8).is_some_and(|b| b & 1 != 0);
+                Ok(Some((self.content()?, redelivered)))
+            }
+            (60, 72) => Ok(None),
+            other => bail!("unexpected method {other:?} after basic.get"),
+        }
+    }
+
+    /// The body of the next basic.deliver.
+    fn delivery(&mut self) -> Result<Vec<u8>> {
+        loop {
+            let (kind, _) = self.method()?;
+            if kind == (60, 60) {
+                return self.content();
+            }
+        }
+    }
+
+    /// The next method frame (heartbeats skipped): ((class, method), arguments).
+    fn method(&mut self) -> Result<((u16, u16), Vec<u8>)> {
+        loop {
+            let (t, mut p) = read_frame(&mut self.c.reader)?;
+            if t == 8 {
+                continue;
+            }
+            ensure!(t == 1 && p.len() >= 4, "unexpected frame type {t}");
+            let c = u16::from_be_bytes([p[0], p[1]]);
+            let m = u16::from_be_bytes([p[2], p[3]]);
+            if (c, m) == (10, 50) || (c, m) == (20, 40) {
+                let len = p.get(6).copied().unwrap_or(0) as usize;
+                let text = p
+                    .get(7..7 + len)
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                bail!("the broker closed the connection or channel: {text}");
+            }
+            return Ok(((c, m), p.split_off(4)));
+        }
+    }
+
+    /// A content header and its body frames.
+    fn content(&mut self) -> Result<Vec<u8>> {
+        let (t, h) = read_frame(&mut self.c.reader)?;
+        ensure!(
+            t == 2 && h.len() >= 14,
+            "expected a content header, got frame type {t}"
+        );
+        let size = u64::from_be_bytes(h[4..12].try_into()?) as usize;
+        let mut body = Vec::with_capacity(size);
+        while body.len() < size {
+            let (t, p) = read_frame(&mut self.c.reader)?;
+            ensure!(t == 3, "expected a body frame, got frame type {t}");
+            body.extend_from_slice(&p);
+        }
+        Ok(body)
+    }
+
+    fn close(self) -> Result<()> {
+        self.c.close()
+    }
+}
+
+fn frame(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    buf.push(kind);
+    buf.extend_from_slice(&1u16.to_be_bytes());
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(payload);
+    buf.push(0xCE);
+}
+
+fn read_frame(r: &mut BufReader<TcpStream>) -> Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 7];
+    r.read_exact(&mut head).context("reading a frame header")?;
+    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+    let mut payload = vec![0u8; size + 1];
+    r.read_exact(&mut payload)?;
+    ensure!(payload[size] == 0xCE, "bad frame end");
+    payload.truncate(size);
+    Ok((head[0], payload))
+}
+
+/// A management client (docs/management-protocol.md): the HA object's values.
+struct Mgmt {
+    a: Amqp,
+    reply: String,
+    seq: u64,
+}
+
+impl Mgmt {
+    fn connect(port: u16) -> Result<Mgmt> {
+        let mut a = Amqp::connect(port)?;
+        let reply = format!("bench-store-reply-{}", unique());
+        a.declare(&reply, 4 | 8, &[])?;
+        let mut c = vec![0, 0];
+        short_str(&mut c, &reply);
+        short_str(&mut c, "");
+        c.push(2); // no-ack
+        c.extend_from_slice(&0u32.to_be_bytes());
+        a.c.send(1, 60, 20, &c)?;
+        a.c.expect(1, 60, 21)?;
+        Ok(Mgmt { a, reply, seq: 0 })
+    }
+
+    fn ha(&mut self) -> Result<Json> {
+        self.seq += 1;
+        let corr = format!("bench-{}", self.seq);
+        let mut props = Vec::new();
+        // content-type, headers, correlation-id, reply-to
+        props.extend_from_slice(&(0x8000u16 | 0x2000 | 0x0400 | 0x0200).to_be_bytes());
+        short_str(&mut props, "application/json");
+        let mut table = Vec::new();
+        short_str(&mut table, "qmf.opcode");
+        table.push(b'S');
+        let op = b"_query_request";
+        table.extend_from_slice(&(op.len() as u32).to_be_bytes());
+        table.extend_from_slice(op);
+        props.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        props.extend_from_slice(&table);
+        short_str(&mut props, &corr);
+        short_str(&mut props, &self.reply);
+        let body = r#"{"version":1,"_what":"OBJECT","_schema_id":{"_package_name":"org.apache.qpid.ha","_class_name":"habroker"}}"#;
+        self.a
+            .publish("qmf.default.direct", "broker", &props, body.as_bytes())?;
+        let text = String::from_utf8(self.a.delivery()?)?;
+        let v = Json::parse(&text)?;
+        if let Some(e) = v.str("error_text") {
+            bail!("management query refused: {e}");
+        }
+        match v.get("objects") {
+            Some(Json::Arr(objs)) => objs
+                .first()
+                .and_then(|o| o.get("_values"))
+                .cloned()
+                .context("no HA object"),
+            _ => bail!("unexpected management answer: {text}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_selects_store_keys() {
+        assert_eq!(selected(&None), KEYS.to_vec());
+        assert_eq!(selected(&Some(vec!["store".into()])), KEYS.to_vec());
+        assert_eq!(
+            selected(&Some(vec!["latency".into(), "store-disk".into()])),
+            ["store-disk"]
+        );
+        assert!(selected(&Some(vec!["replication".into()])).is_empty());
+    }
+
+    #[test]
+    fn sizes_of_a_directory_tree() {
+        let d = std::env::temp_dir().join(format!("xtask-store-size-{}", unique()));
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::write(d.join("a"), [0u8; 100]).unwrap();
+        fs::write(d.join("sub/b"), [0u8; 28]).unwrap();
+        assert_eq!(dir_size(&d), (128, 2));
+        let _ = fs::remove_dir_all(&d);
+        assert_eq!(dir_size(&d), (0, 0));
+    }
+}
