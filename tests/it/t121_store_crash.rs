@@ -552,10 +552,10 @@ async fn kill_9_never_loses_a_confirmed_message() {
 // ---- test 2: a full disk ------------------------------------------------------------------
 
 /// A size-limited tmpfs the test mounted; unmounted on drop (also when the test fails).
-struct TmpfsMount(PathBuf);
+pub(crate) struct TmpfsMount(PathBuf);
 
 impl TmpfsMount {
-    fn mount(dir: &Path, size: &str) -> Result<TmpfsMount, String> {
+    pub(crate) fn mount(dir: &Path, size: &str) -> Result<TmpfsMount, String> {
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
@@ -587,7 +587,7 @@ impl Drop for TmpfsMount {
 }
 
 /// Free bytes on the file system of `dir`, from `df`.
-fn free_bytes(dir: &Path) -> u64 {
+pub(crate) fn free_bytes(dir: &Path) -> u64 {
     let out = Command::new("df")
         .args(["--output=avail", "-B1"])
         .arg(dir)
@@ -601,7 +601,7 @@ fn free_bytes(dir: &Path) -> u64 {
 }
 
 /// Writes zeros to `path` until `dir` has about `leave` bytes free (or the disk is full).
-fn fill_until(path: &Path, dir: &Path, leave: u64) {
+pub(crate) fn fill_until(path: &Path, dir: &Path, leave: u64) {
     use std::io::Write;
     let chunk = vec![0u8; 256 * 1024];
     let mut file = std::fs::File::create(path).expect("create the filler file");
@@ -635,15 +635,9 @@ fn big_number(body: &[u8]) -> Option<u64> {
 /// after a SIGTERM and a restart every message that was acked is there and the start reported no
 /// damage.
 ///
-/// Ignored (found 2026-11-25): after the full disk, the restart refuses to start with `Store:
-/// damaged record in .../msg-0000000000000006.jnl at offset 983784: impossible record length 0`
-/// and exits 1. The failed write left 48,408 bytes (983,784 to 1,032,192, a page boundary); the
-/// writer truncated the file back to 983,784 but its descriptor (a segment made by
-/// `create_segment`, opened without `O_APPEND`) kept its offset, so the retried round was written
-/// at 1,032,192 behind a hole of zeros. Valid records follow the hole, so acked messages sit
-/// behind "damage": the start is refused (section 6 says nothing on disk is touched, section 8
-/// that a confirmed message is never lost). Also, the broker printed its port and listened
-/// before recovery refused the start (section 5: recovery comes before listening).
+/// This test found (and guards) a bug: after a failed write the writer truncated the segment
+/// back, but the segment's descriptor was not opened for appending, so the retried round was
+/// written behind a hole of zeros and the restart refused the store as damaged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_nacks_persistent_publishes_and_recovers() {
     let tmp = TempDir::new("store-full");

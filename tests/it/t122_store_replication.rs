@@ -627,3 +627,95 @@ async fn a_backup_restarted_from_a_stale_store_mirrors_the_primary_exactly() {
     assert_eq!(drain(&ch, "q1").await, ["x", "y", "z", "w"]);
     assert_eq!(drain(&ch, "q2").await, ["b0"]);
 }
+
+/// A replica acknowledges a persistent message only once it is on its own disk: with the
+/// replica broker's data directory on a tmpfs that the test fills up, a persistent publish on
+/// the original is confirmed only when the original stops waiting for the replica
+/// (`--ha-ack-timeout 1s`), while with room on the replica's disk a confirm is quick; once the
+/// filler is removed the replica writes again, catches up and holds every message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_acknowledges_a_persistent_message_only_after_its_own_fsync() {
+    use crate::t121_store_crash::{TmpfsMount, fill_until};
+    let tmp = TempDir::new("repl-full");
+    let _mount = match TmpfsMount::mount(tmp.path(), "16m") {
+        Ok(m) => m,
+        Err(why) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("this test needs a tmpfs mount (root) in CI: {why}");
+            }
+            println!("skipping: {why}");
+            return;
+        }
+    };
+    let od = TempDir::new("orig-full");
+    let original = TestBroker::builder()
+        .data_dir(od.path())
+        .args(["--ha-queue-replication", "yes", "--ha-ack-timeout", "1s"])
+        .start();
+    let replica = TestBroker::builder()
+        .data_dir(tmp.path().join("data"))
+        .args([
+            "--ha-queue-replication",
+            "yes",
+            "--link-maintenance-interval",
+            "0.1s",
+        ])
+        .args(["--store-segment-size", "1MiB"])
+        .start();
+    let oc = original.connect().await;
+    let och = confirming(&oc).await;
+    durable(&och, "fq").await;
+    durable(&channel(&replica.connect().await).await, "fq").await;
+    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "fq"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_replica_ready(&replica, "fq").await;
+    // 256 KiB bodies: a write that needs new pages of the tmpfs (a small record could still
+    // fit in the last page of the segment file).
+    let timed = |n: u32| {
+        let och = och.clone();
+        async move {
+            let t = std::time::Instant::now();
+            let mut body = vec![b'.'; 256 * 1024];
+            body[..4].copy_from_slice(&n.to_be_bytes());
+            let c = och
+                .basic_publish(
+                    "".into(),
+                    "fq".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            assert!(c.await.unwrap().is_ack(), "{n} nacked");
+            t.elapsed()
+        }
+    };
+    let quick = timed(0).await;
+    assert!(quick < Duration::from_millis(700), "with room: {quick:?}");
+    let filler = tmp.path().join("filler");
+    fill_until(&filler, tmp.path(), 0);
+    let held = timed(1).await;
+    assert!(
+        held >= Duration::from_millis(900),
+        "confirmed after {held:?} although the replica could not write it"
+    );
+    let ok = eventually(FOLLOW, || async {
+        replica.log().contains("Store: cannot write")
+    })
+    .await;
+    assert!(ok, "{}", replica.log());
+    std::fs::remove_file(&filler).unwrap();
+    wait_replica_ready(&replica, "fq").await;
+    let ok = eventually(FOLLOW, || async {
+        timed(2).await < Duration::from_millis(700)
+    })
+    .await;
+    assert!(
+        ok,
+        "confirms stay slow once the replica's disk has room again"
+    );
+    let n = count(&oc, "fq").await.unwrap();
+    assert!(n >= 3, "{n}");
+    wait_count(&admin(&replica).await, "fq", n).await;
+}
