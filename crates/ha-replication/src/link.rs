@@ -534,6 +534,30 @@ impl Link {
         write_ack(&mut self.wbuf, CHANNEL, delivery_tag, multiple);
     }
 
+    /// True if a whole frame is already buffered (the next `next_batch` will not wait).
+    pub fn has_buffered_frame(&self) -> bool {
+        !matches!(
+            split_frame(&self.rbuf[self.rstart..self.rend], self.frame_max),
+            Ok(None)
+        )
+    }
+
+    /// Waits until the socket may have something to read (cancel-safe: nothing is read).
+    pub async fn readable(&self) -> Result<(), LinkError> {
+        self.stream.readable().await?;
+        Ok(())
+    }
+
+    /// Reads what the socket has without waiting; false if it had nothing after all.
+    pub fn try_fill(&mut self) -> Result<bool, LinkError> {
+        self.make_room();
+        match self.stream.try_read(&mut self.rbuf[self.rend..]) {
+            Ok(n) => self.got(n).map(|()| true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes everything buffered.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         let deadline = Instant::now() + self.write_bound();

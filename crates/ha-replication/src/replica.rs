@@ -1,6 +1,7 @@
 //! One replica queue: its link to the original, the stream applied to the local queue, and
 //! the state `qpid-ha query` shows (`docs/design/replication.md` sections 3, 4, 6 and 8).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -471,10 +472,53 @@ impl Replica {
             ended: None,
             first,
         };
+        // Batches applied but not acknowledged yet: a batch holding a persistent message is
+        // acknowledged only once this broker's store has synced it. The sync of one batch
+        // overlaps the reading and applying of the next; acknowledgements go out in order.
+        let mut unacked: VecDeque<(u64, Option<oneshot::Receiver<()>>)> = VecDeque::new();
         loop {
             if self.stopped() {
                 link.close().await;
                 return Ended::Stopped;
+            }
+            let mut ack = 0;
+            while let Some((tag, synced)) = unacked.front_mut() {
+                let done = synced.as_mut().is_none_or(|rx| {
+                    !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                });
+                if !done {
+                    break;
+                }
+                ack = *tag;
+                unacked.pop_front();
+            }
+            if ack != 0 {
+                link.ack(ack, true);
+                if let Err(e) = link.flush().await {
+                    return failure(e, self.settings.cluster);
+                }
+            }
+            // Syncs pending and nothing buffered: wait for a sync or for input, whichever
+            // comes first, without blocking in a read (an acknowledgement must not wait for
+            // the original's next frame).
+            if let Some((_, Some(synced))) = unacked.front_mut()
+                && !link.has_buffered_frame()
+            {
+                let synced_first = tokio::select! {
+                    _ = synced => true,
+                    r = link.readable() => match r {
+                        Ok(()) => false,
+                        Err(e) => return failure(e, self.settings.cluster),
+                    },
+                };
+                if synced_first {
+                    continue;
+                }
+                match link.try_fill() {
+                    Ok(_) if !link.has_buffered_frame() => continue,
+                    Ok(_) => {}
+                    Err(e) => return failure(e, self.settings.cluster),
+                }
             }
             let r = link.next_batch(|incoming| apply.incoming(incoming)).await;
             if let Some(ended) = apply.ended.take() {
@@ -487,16 +531,13 @@ impl Replica {
             if apply.last_tag != 0 {
                 // A persistent message is acknowledged (which releases the publisher's
                 // confirm on the original) only once it is on this broker's disk too.
-                if std::mem::take(&mut apply.persisted)
-                    && let Some(synced) = self.store().and_then(|s| s.synced())
-                {
-                    let _ = synced.await;
-                }
-                link.ack(apply.last_tag, true);
+                let synced = if std::mem::take(&mut apply.persisted) {
+                    self.store().and_then(|s| s.synced())
+                } else {
+                    None
+                };
+                unacked.push_back((apply.last_tag, synced));
                 apply.last_tag = 0;
-                if let Err(e) = link.flush().await {
-                    return failure(e, self.settings.cluster);
-                }
             }
         }
     }
