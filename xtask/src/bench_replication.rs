@@ -971,7 +971,7 @@ fn check_alive(res: &mut ReplResult, mut pair: Pair) -> Result<()> {
 }
 
 /// Runs `bin ARGS` with a deadline: (status, stdout, stderr).
-fn run_limited(
+pub(super) fn run_limited(
     bin: &Path,
     args: &[&str],
     limit: Duration,
@@ -1038,7 +1038,7 @@ fn wait_replica(
     }
 }
 
-fn find_row(values: &Json, list: &str, queue: &str) -> Option<Json> {
+pub(super) fn find_row(values: &Json, list: &str, queue: &str) -> Option<Json> {
     match values.get(list)? {
         Json::Arr(rows) => rows.iter().find(|r| r.str("queue") == Some(queue)).cloned(),
         _ => None,
@@ -1057,12 +1057,12 @@ fn sub_row(m: &mut Mgmt, queue: &str) -> Result<Json> {
 }
 
 /// The bench's raw client with channel 1 open, plus publish, get and deliveries.
-struct Amqp {
-    c: RawAmqp,
+pub(super) struct Amqp {
+    pub(super) c: RawAmqp,
 }
 
 impl Amqp {
-    fn connect(port: u16) -> Result<Amqp> {
+    pub(super) fn connect(port: u16) -> Result<Amqp> {
         let mut c = RawAmqp::connect(SocketAddr::from(([127, 0, 0, 1], port)), "guest", "guest")?;
         c.send(1, 20, 10, &[0])?;
         c.expect(1, 20, 11)?;
@@ -1073,13 +1073,21 @@ impl Amqp {
 
     /// queue.declare with `flags` (1 passive, 2 durable, 4 exclusive, 8 auto-delete); the
     /// queue's message count.
-    fn declare(&mut self, name: &str, flags: u8) -> Result<u32> {
+    pub(super) fn declare(&mut self, name: &str, flags: u8) -> Result<u32> {
+        self.declare_with(name, flags, &[])
+    }
+
+    /// queue.declare with `flags` and `table` (the encoded field-table contents); the queue's
+    /// message count.
+    pub(super) fn declare_with(&mut self, name: &str, flags: u8, table: &[u8]) -> Result<u32> {
         let mut a = vec![0, 0];
         short_str(&mut a, name);
         a.push(flags);
-        a.extend_from_slice(&0u32.to_be_bytes());
+        a.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        a.extend_from_slice(table);
         self.c.send(1, 50, 10, &a)?;
-        let ok = self.c.expect(1, 50, 11)?;
+        let (kind, ok) = self.method()?;
+        ensure!(kind == (50, 11), "expected queue.declare-ok, got {kind:?}");
         let n = *ok.first().context("short declare-ok")? as usize;
         let count = ok.get(1 + n..5 + n).context("short declare-ok")?;
         Ok(u32::from_be_bytes([count[0], count[1], count[2], count[3]]))
@@ -1087,7 +1095,13 @@ impl Amqp {
 
     /// basic.publish with `props` = property flags and properties, already encoded (empty:
     /// none).
-    fn publish(&mut self, exchange: &str, key: &str, props: &[u8], body: &[u8]) -> Result<()> {
+    pub(super) fn publish(
+        &mut self,
+        exchange: &str,
+        key: &str,
+        props: &[u8],
+        body: &[u8],
+    ) -> Result<()> {
         let mut buf = Vec::with_capacity(body.len() + 128);
         let mut a = vec![0, 0];
         short_str(&mut a, exchange);
@@ -1112,21 +1126,34 @@ impl Amqp {
     }
 
     /// basic.get with no-ack: the body, or None when the queue is empty.
-    fn get(&mut self, queue: &str) -> Result<Option<Vec<u8>>> {
+    pub(super) fn get(&mut self, queue: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_with(queue, true)?.map(|(body, _)| body))
+    }
+
+    /// basic.get without no-ack: (body, redelivered), or None when the queue is empty. The
+    /// message stays unacknowledged until the connection closes.
+    pub(super) fn get_unacked(&mut self, queue: &str) -> Result<Option<(Vec<u8>, bool)>> {
+        self.get_with(queue, false)
+    }
+
+    fn get_with(&mut self, queue: &str, no_ack: bool) -> Result<Option<(Vec<u8>, bool)>> {
         let mut a = vec![0, 0];
         short_str(&mut a, queue);
-        a.push(1);
+        a.push(u8::from(no_ack));
         self.c.send(1, 60, 70, &a)?;
         let (kind, payload) = self.method()?;
         match kind {
-            (60, 71) => Ok(Some(self.content()?)),
+            (60, 71) => {
+                let redelivered = payload.get(8).is_some_and(|b| b & 1 != 0);
+                Ok(Some((self.content()?, redelivered)))
+            }
             (60, 72) => Ok(None),
             other => bail!("unexpected method {other:?} {payload:?} after basic.get"),
         }
     }
 
     /// The body of the next basic.deliver.
-    fn delivery(&mut self) -> Result<Vec<u8>> {
+    pub(super) fn delivery(&mut self) -> Result<Vec<u8>> {
         loop {
             let (kind, _) = self.method()?;
             if kind == (60, 60) {
@@ -1136,7 +1163,7 @@ impl Amqp {
     }
 
     /// The next method frame (heartbeats skipped): ((class, method), arguments).
-    fn method(&mut self) -> Result<((u16, u16), Vec<u8>)> {
+    pub(super) fn method(&mut self) -> Result<((u16, u16), Vec<u8>)> {
         loop {
             let (t, mut p) = read_frame(&mut self.c.reader)?;
             if t == 8 {
@@ -1158,7 +1185,7 @@ impl Amqp {
     }
 
     /// A content header and its body frames.
-    fn content(&mut self) -> Result<Vec<u8>> {
+    pub(super) fn content(&mut self) -> Result<Vec<u8>> {
         let (t, h) = read_frame(&mut self.c.reader)?;
         ensure!(
             t == 2 && h.len() >= 14,
@@ -1174,7 +1201,7 @@ impl Amqp {
         Ok(body)
     }
 
-    fn close(self) -> Result<()> {
+    pub(super) fn close(self) -> Result<()> {
         self.c.close()
     }
 }
@@ -1199,14 +1226,14 @@ fn read_frame(r: &mut BufReader<TcpStream>) -> Result<(u8, Vec<u8>)> {
 }
 
 /// A management client (docs/management-protocol.md) on one broker.
-struct Mgmt {
+pub(super) struct Mgmt {
     a: Amqp,
     reply: String,
     seq: u64,
 }
 
 impl Mgmt {
-    fn connect(port: u16) -> Result<Mgmt> {
+    pub(super) fn connect(port: u16) -> Result<Mgmt> {
         let mut a = Amqp::connect(port)?;
         let reply = format!("bench-repl-reply-{}", unique());
         a.declare(&reply, 4 | 8)?;
@@ -1221,7 +1248,7 @@ impl Mgmt {
     }
 
     /// The `_values` of the HA object.
-    fn ha(&mut self) -> Result<Json> {
+    pub(super) fn ha(&mut self) -> Result<Json> {
         self.seq += 1;
         let corr = format!("bench-{}", self.seq);
         let mut props = Vec::new();

@@ -23,14 +23,14 @@
 //! * `store-disk`: then consume and ack all of them, sample the size of `DIR/store` every 5 s
 //!   for 60 s, and report the last size (≤ 64 MiB + 1 MiB per durable queue).
 
+use super::replication::{Amqp, Mgmt, find_row, run_limited};
 use super::{
-    Broker, BrokerKind, Json, Options, RawAmqp, free_port, group, method_frame, pids_named,
-    short_str, signal, stat, unique,
+    Broker, BrokerKind, Json, Options, free_port, group, pids_named, short_str, signal, stat,
+    unique,
 };
 use anyhow::{Context, Result, bail, ensure};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -729,7 +729,7 @@ impl StoreEnv<'_> {
         ] {
             let mut a = Amqp::connect(port)?;
             for q in queues {
-                a.declare(q, DURABLE, &[])?;
+                a.declare_with(q, DURABLE, &[])?;
             }
             a.close()?;
         }
@@ -844,7 +844,7 @@ impl StoreEnv<'_> {
         ensure!(ok, "qpid-ha promote failed: {}", out.trim());
         let q = "bench-store-cluster";
         let mut a = Amqp::connect(ports[0])?;
-        a.declare(q, DURABLE, &[])?;
+        a.declare_with(q, DURABLE, &[])?;
         a.close()?;
         let wait_ready = |limit: Duration| -> Result<Vec<String>> {
             let deadline = Instant::now() + limit;
@@ -900,7 +900,7 @@ impl StoreEnv<'_> {
             table.push(b'S');
             table.extend_from_slice(&6u32.to_be_bytes());
             table.extend_from_slice(b"quorum");
-            a.declare(rq, DURABLE, &table)?;
+            a.declare_with(rq, DURABLE, &table)?;
             a.close()?;
             let info = c.ctl(0, &["list_queues", "name", "type", "leader", "members"])?;
             println!("    RabbitMQ queues: {}", info.trim().replace('\n', " | "));
@@ -1015,7 +1015,7 @@ impl StoreEnv<'_> {
         let fill_s = t_fill.elapsed().as_secs_f64();
         ensure!(problems.is_empty(), "filling {q}: {}", problems.join("; "));
         let mut a = Amqp::connect(broker.port)?;
-        let depth = a.declare(q, PASSIVE, &[])?;
+        let depth = a.declare_with(q, PASSIVE, &[])?;
         a.close()?;
         ensure!(
             u64::from(depth) == RECOVERY_MESSAGES,
@@ -1064,7 +1064,7 @@ impl StoreEnv<'_> {
         let limit = Instant::now() + Duration::from_secs(120);
         let mut last;
         let depth_s = loop {
-            last = a.declare(q, PASSIVE, &[])?;
+            last = a.declare_with(q, PASSIVE, &[])?;
             if u64::from(last) == RECOVERY_MESSAGES {
                 break t0.elapsed().as_secs_f64();
             }
@@ -1075,7 +1075,7 @@ impl StoreEnv<'_> {
             std::thread::sleep(Duration::from_millis(2));
         };
         let (first, redelivered) = loop {
-            if let Some(r) = a.get(q)? {
+            if let Some(r) = a.get_unacked(q)? {
                 break r;
             }
             ensure!(
@@ -1135,7 +1135,7 @@ impl StoreEnv<'_> {
             let consumed = consume_all(broker.port, q, RECOVERY_MESSAGES)?;
             let consume_s = t.elapsed().as_secs_f64();
             let mut a = Amqp::connect(broker.port)?;
-            let left = a.declare(q, PASSIVE, &[])?;
+            let left = a.declare_with(q, PASSIVE, &[])?;
             a.close()?;
             disk.row(
                 "consume + ack 1,000,000 (raw client, prefetch 2,000, acks every 500)",
@@ -1452,257 +1452,6 @@ fn start_rabbit_node(server: &Path, dir: &Path, name: &str, home: &Path) -> Resu
         _stdout: None,
         stopped: false,
     })
-}
-
-/// Runs `bin ARGS` with a deadline: (status, stdout, stderr).
-fn run_limited(
-    bin: &Path,
-    args: &[&str],
-    limit: Duration,
-) -> Result<(std::process::ExitStatus, String, String)> {
-    let base = std::env::temp_dir().join(format!("xtask-bench-store-{}", unique()));
-    let (o, e) = (base.with_extension("out"), base.with_extension("err"));
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&o)?)
-        .stderr(fs::File::create(&e)?)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "{} {} did not exit within {limit:?}",
-                bin.display(),
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let out = fs::read_to_string(&o).unwrap_or_default();
-    let err = fs::read_to_string(&e).unwrap_or_default();
-    let _ = fs::remove_file(&o);
-    let _ = fs::remove_file(&e);
-    Ok((status, out, err))
-}
-
-fn find_row(values: &Json, list: &str, queue: &str) -> Option<Json> {
-    match values.get(list)? {
-        Json::Arr(rows) => rows.iter().find(|r| r.str("queue") == Some(queue)).cloned(),
-        _ => None,
-    }
-}
-
-/// The bench's raw client with channel 1 open, plus declare with arguments, get and
-/// deliveries.
-struct Amqp {
-    c: RawAmqp,
-}
-
-impl Amqp {
-    fn connect(port: u16) -> Result<Amqp> {
-        let mut c = RawAmqp::connect(SocketAddr::from(([127, 0, 0, 1], port)), "guest", "guest")?;
-        c.send(1, 20, 10, &[0])?;
-        c.expect(1, 20, 11)?;
-        c.channel_open = true;
-        c.stream.set_read_timeout(Some(Duration::from_secs(15)))?;
-        Ok(Amqp { c })
-    }
-
-    /// queue.declare with `flags` (1 passive, 2 durable, 4 exclusive, 8 auto-delete) and
-    /// `table` (the encoded field-table contents); the queue's message count.
-    fn declare(&mut self, name: &str, flags: u8, table: &[u8]) -> Result<u32> {
-        let mut a = vec![0, 0];
-        short_str(&mut a, name);
-        a.push(flags);
-        a.extend_from_slice(&(table.len() as u32).to_be_bytes());
-        a.extend_from_slice(table);
-        self.c.send(1, 50, 10, &a)?;
-        let (kind, ok) = self.method()?;
-        ensure!(kind == (50, 11), "expected queue.declare-ok, got {kind:?}");
-        let n = *ok.first().context("short declare-ok")? as usize;
-        let count = ok.get(1 + n..5 + n).context("short declare-ok")?;
-        Ok(u32::from_be_bytes([count[0], count[1], count[2], count[3]]))
-    }
-
-    /// basic.publish on channel 1.
-    fn publish(&mut self, exchange: &str, key: &str, props: &[u8], body: &[u8]) -> Result<()> {
-        let mut buf = Vec::with_capacity(body.len() + 128);
-        let mut a = vec![0, 0];
-        short_str(&mut a, exchange);
-        short_str(&mut a, key);
-        a.push(0);
-        method_frame(&mut buf, 1, 60, 40, &a);
-        let mut h = Vec::new();
-        h.extend_from_slice(&60u16.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&(body.len() as u64).to_be_bytes());
-        if props.is_empty() {
-            h.extend_from_slice(&0u16.to_be_bytes());
-        } else {
-            h.extend_from_slice(props);
-        }
-        frame(&mut buf, 2, &h);
-        for chunk in body.chunks(16 * 1024) {
-            frame(&mut buf, 3, chunk);
-        }
-        self.c.stream.write_all(&buf)?;
-        Ok(())
-    }
-
-    /// basic.get without no-ack: (body, redelivered), or None when the queue is empty. The
-    /// message stays unacknowledged until the connection closes.
-    fn get(&mut self, queue: &str) -> Result<Option<(Vec<u8>, bool)>> {
-        let mut a = vec![0, 0];
-        short_str(&mut a, queue);
-        a.push(0);
-        self.c.send(1, 60, 70, &a)?;
-        let (kind, payload) = self.method()?;
-        match kind {
-            (60, 71) => {
-                let redelivered = payload.get(8).is_some_and(|b| b & 1 != 0);
-                Ok(Some((self.content()?, redelivered)))
-            }
-            (60, 72) => Ok(None),
-            other => bail!("unexpected method {other:?} after basic.get"),
-        }
-    }
-
-    /// The body of the next basic.deliver.
-    fn delivery(&mut self) -> Result<Vec<u8>> {
-        loop {
-            let (kind, _) = self.method()?;
-            if kind == (60, 60) {
-                return self.content();
-            }
-        }
-    }
-
-    /// The next method frame (heartbeats skipped): ((class, method), arguments).
-    fn method(&mut self) -> Result<((u16, u16), Vec<u8>)> {
-        loop {
-            let (t, mut p) = read_frame(&mut self.c.reader)?;
-            if t == 8 {
-                continue;
-            }
-            ensure!(t == 1 && p.len() >= 4, "unexpected frame type {t}");
-            let c = u16::from_be_bytes([p[0], p[1]]);
-            let m = u16::from_be_bytes([p[2], p[3]]);
-            if (c, m) == (10, 50) || (c, m) == (20, 40) {
-                let len = p.get(6).copied().unwrap_or(0) as usize;
-                let text = p
-                    .get(7..7 + len)
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default();
-                bail!("the broker closed the connection or channel: {text}");
-            }
-            return Ok(((c, m), p.split_off(4)));
-        }
-    }
-
-    /// A content header and its body frames.
-    fn content(&mut self) -> Result<Vec<u8>> {
-        let (t, h) = read_frame(&mut self.c.reader)?;
-        ensure!(
-            t == 2 && h.len() >= 14,
-            "expected a content header, got frame type {t}"
-        );
-        let size = u64::from_be_bytes(h[4..12].try_into()?) as usize;
-        let mut body = Vec::with_capacity(size);
-        while body.len() < size {
-            let (t, p) = read_frame(&mut self.c.reader)?;
-            ensure!(t == 3, "expected a body frame, got frame type {t}");
-            body.extend_from_slice(&p);
-        }
-        Ok(body)
-    }
-
-    fn close(self) -> Result<()> {
-        self.c.close()
-    }
-}
-
-fn frame(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    buf.push(kind);
-    buf.extend_from_slice(&1u16.to_be_bytes());
-    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    buf.extend_from_slice(payload);
-    buf.push(0xCE);
-}
-
-fn read_frame(r: &mut BufReader<TcpStream>) -> Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 7];
-    r.read_exact(&mut head).context("reading a frame header")?;
-    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
-    let mut payload = vec![0u8; size + 1];
-    r.read_exact(&mut payload)?;
-    ensure!(payload[size] == 0xCE, "bad frame end");
-    payload.truncate(size);
-    Ok((head[0], payload))
-}
-
-/// A management client (docs/management-protocol.md): the HA object's values.
-struct Mgmt {
-    a: Amqp,
-    reply: String,
-    seq: u64,
-}
-
-impl Mgmt {
-    fn connect(port: u16) -> Result<Mgmt> {
-        let mut a = Amqp::connect(port)?;
-        let reply = format!("bench-store-reply-{}", unique());
-        a.declare(&reply, 4 | 8, &[])?;
-        let mut c = vec![0, 0];
-        short_str(&mut c, &reply);
-        short_str(&mut c, "");
-        c.push(2); // no-ack
-        c.extend_from_slice(&0u32.to_be_bytes());
-        a.c.send(1, 60, 20, &c)?;
-        a.c.expect(1, 60, 21)?;
-        Ok(Mgmt { a, reply, seq: 0 })
-    }
-
-    fn ha(&mut self) -> Result<Json> {
-        self.seq += 1;
-        let corr = format!("bench-{}", self.seq);
-        let mut props = Vec::new();
-        // content-type, headers, correlation-id, reply-to
-        props.extend_from_slice(&(0x8000u16 | 0x2000 | 0x0400 | 0x0200).to_be_bytes());
-        short_str(&mut props, "application/json");
-        let mut table = Vec::new();
-        short_str(&mut table, "qmf.opcode");
-        table.push(b'S');
-        let op = b"_query_request";
-        table.extend_from_slice(&(op.len() as u32).to_be_bytes());
-        table.extend_from_slice(op);
-        props.extend_from_slice(&(table.len() as u32).to_be_bytes());
-        props.extend_from_slice(&table);
-        short_str(&mut props, &corr);
-        short_str(&mut props, &self.reply);
-        let body = r#"{"version":1,"_what":"OBJECT","_schema_id":{"_package_name":"org.apache.qpid.ha","_class_name":"habroker"}}"#;
-        self.a
-            .publish("qmf.default.direct", "broker", &props, body.as_bytes())?;
-        let text = String::from_utf8(self.a.delivery()?)?;
-        let v = Json::parse(&text)?;
-        if let Some(e) = v.str("error_text") {
-            bail!("management query refused: {e}");
-        }
-        match v.get("objects") {
-            Some(Json::Arr(objs)) => objs
-                .first()
-                .and_then(|o| o.get("_values"))
-                .cloned()
-                .context("no HA object"),
-            _ => bail!("unexpected management answer: {text}"),
-        }
-    }
 }
 
 #[cfg(test)]
