@@ -71,14 +71,14 @@ pub(super) struct ReplEnv<'a> {
 
 /// One measure's outcome: table rows, details for the JSON report, problems.
 pub(super) struct ReplResult {
-    key: &'static str,
-    title: &'static str,
+    pub(super) key: &'static str,
+    pub(super) title: &'static str,
     rows: Vec<ReplRow>,
-    detail: Vec<(String, Json)>,
+    pub(super) detail: Vec<(String, Json)>,
     pub problems: Vec<String>,
 }
 
-struct ReplRow {
+pub(super) struct ReplRow {
     metric: String,
     value: String,
     target: String,
@@ -86,7 +86,7 @@ struct ReplRow {
 }
 
 impl ReplResult {
-    fn new(key: &'static str, title: &'static str) -> Self {
+    pub(super) fn new(key: &'static str, title: &'static str) -> Self {
         ReplResult {
             key,
             title,
@@ -96,7 +96,7 @@ impl ReplResult {
         }
     }
 
-    fn row(&mut self, metric: &str, value: String, target: &str, met: Option<bool>) {
+    pub(super) fn row(&mut self, metric: &str, value: String, target: &str, met: Option<bool>) {
         println!("    {metric}: {value}");
         self.rows.push(ReplRow {
             metric: metric.into(),
@@ -138,11 +138,16 @@ impl ReplResult {
 
 /// The replication table, in the style of the main one.
 pub(super) fn render_table(results: &[ReplResult]) -> String {
+    render_table_headed(
+        results,
+        "| replication measure (issue 4) | metric | measured | target | verdict |",
+    )
+}
+
+/// A table of measures under `header` (a measure without rows names itself on its problem row).
+pub(super) fn render_table_headed(results: &[ReplResult], header: &str) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| replication measure (issue 4) | metric | measured | target | verdict |"
-    );
+    let _ = writeln!(out, "{header}");
     let _ = writeln!(out, "|---|---|---:|---|---|");
     for r in results {
         for (i, row) in r.rows.iter().enumerate() {
@@ -165,7 +170,8 @@ pub(super) fn render_table(results: &[ReplResult]) -> String {
         if !r.problems.is_empty() {
             let _ = writeln!(
                 out,
-                "| | | | {} problem(s): {} | |",
+                "| {} | | | {} problem(s): {} | |",
+                if r.rows.is_empty() { r.title } else { "" },
                 r.problems.len(),
                 r.problems.join("; ").replace('|', "/")
             );

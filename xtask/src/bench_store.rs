@@ -23,13 +23,12 @@
 //! * `store-disk`: then consume and ack all of them, sample the size of `DIR/store` every 5 s
 //!   for 60 s, and report the last size (≤ 64 MiB + 1 MiB per durable queue).
 
-use super::replication::{Amqp, Mgmt, find_row, run_limited};
+use super::replication::{Amqp, Mgmt, ReplResult, find_row, run_limited};
 use super::{
     Broker, BrokerKind, Json, Options, free_port, group, pids_named, short_str, signal, stat,
     unique,
 };
 use anyhow::{Context, Result, bail, ensure};
-use std::fmt::Write as _;
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -80,110 +79,15 @@ pub(super) struct StoreEnv<'a> {
     pub rabbit_dir: &'a Path,
 }
 
-/// One measure's outcome: table rows, details for the JSON report, problems.
-pub(super) struct StoreResult {
-    key: &'static str,
-    title: &'static str,
-    rows: Vec<StoreRow>,
-    detail: Vec<(String, Json)>,
-    pub problems: Vec<String>,
-}
-
-struct StoreRow {
-    metric: String,
-    value: String,
-    target: String,
-    met: Option<bool>,
-}
-
-impl StoreResult {
-    fn new(key: &'static str, title: &'static str) -> Self {
-        StoreResult {
-            key,
-            title,
-            rows: Vec::new(),
-            detail: Vec::new(),
-            problems: Vec::new(),
-        }
-    }
-
-    fn row(&mut self, metric: &str, value: String, target: &str, met: Option<bool>) {
-        println!("    {metric}: {value}");
-        self.rows.push(StoreRow {
-            metric: metric.into(),
-            value,
-            target: target.into(),
-            met,
-        });
-    }
-
-    pub(super) fn to_json(&self) -> Json {
-        let mut fields = vec![
-            ("key".into(), Json::Str(self.key.into())),
-            ("title".into(), Json::Str(self.title.into())),
-            (
-                "rows".into(),
-                Json::Arr(
-                    self.rows
-                        .iter()
-                        .map(|r| {
-                            Json::Obj(vec![
-                                ("metric".into(), Json::Str(r.metric.clone())),
-                                ("value".into(), Json::Str(r.value.clone())),
-                                ("target".into(), Json::Str(r.target.clone())),
-                                ("met".into(), r.met.map_or(Json::Null, Json::Bool)),
-                            ])
-                        })
-                        .collect(),
-                ),
-            ),
-            (
-                "problems".into(),
-                Json::Arr(self.problems.iter().map(|p| Json::Str(p.clone())).collect()),
-            ),
-        ];
-        fields.extend(self.detail.iter().cloned());
-        Json::Obj(fields)
-    }
-}
+/// A measure's outcome: the replication bench's type (rows, details, problems).
+pub(super) type StoreResult = ReplResult;
 
 /// The store table, in the style of the replication one.
 pub(super) fn render_table(results: &[StoreResult]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| store measure (issue 6) | metric | measured | target | verdict |"
-    );
-    let _ = writeln!(out, "|---|---|---:|---|---|");
-    for r in results {
-        for (i, row) in r.rows.iter().enumerate() {
-            let verdict = match row.met {
-                Some(true) => "met",
-                Some(false) => "**MISSED**",
-                None if row.target.is_empty() => "",
-                None => "n/a",
-            };
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} |",
-                if i == 0 { r.title } else { "" },
-                row.metric,
-                row.value,
-                row.target,
-                verdict
-            );
-        }
-        if !r.problems.is_empty() {
-            let _ = writeln!(
-                out,
-                "| {} | | | {} problem(s): {} | |",
-                if r.rows.is_empty() { r.title } else { "" },
-                r.problems.len(),
-                r.problems.join("; ").replace('|', "/")
-            );
-        }
-    }
-    out
+    super::replication::render_table_headed(
+        results,
+        "| store measure (issue 6) | metric | measured | target | verdict |",
+    )
 }
 
 /// Runs the selected measures; an error in one is recorded as its problem and the others go on.
