@@ -548,6 +548,20 @@ impl Link {
         Ok(())
     }
 
+    /// When a heartbeat should next be sent, if the link has heartbeats.
+    pub fn heartbeat_at(&self) -> Option<Instant> {
+        (!self.heartbeat.is_zero()).then(|| self.last_sent + self.heartbeat)
+    }
+
+    /// Sends a heartbeat if one is due (and fails if the peer has been silent for two
+    /// intervals), for a caller that waits on something else than the link.
+    pub async fn keep_alive(&mut self) -> Result<(), LinkError> {
+        if self.heartbeat.is_zero() {
+            return Ok(());
+        }
+        self.heartbeat_due().await
+    }
+
     /// Reads what the socket has without waiting; false if it had nothing after all.
     pub fn try_fill(&mut self) -> Result<bool, LinkError> {
         self.make_room();

@@ -504,12 +504,22 @@ impl Replica {
             if let Some((_, Some(synced))) = unacked.front_mut()
                 && !link.has_buffered_frame()
             {
+                // A slow sync must not look like a dead replica: heartbeats go on meanwhile.
+                let beat = link
+                    .heartbeat_at()
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
                 let synced_first = tokio::select! {
                     _ = synced => true,
                     r = link.readable() => match r {
                         Ok(()) => false,
                         Err(e) => return failure(e, self.settings.cluster),
                     },
+                    _ = tokio::time::sleep_until(beat) => {
+                        if let Err(e) = link.keep_alive().await {
+                            return failure(e, self.settings.cluster);
+                        }
+                        continue;
+                    }
                 };
                 if synced_first {
                     continue;
