@@ -1181,7 +1181,27 @@ impl Broker {
 
     fn start_rabbitmq(server: &Path, dir: &Path) -> Result<Broker> {
         let _ = fs::remove_dir_all(dir);
-        for sub in ["mnesia", "log", "home"] {
+        fs::create_dir_all(dir.join("home"))?;
+        let name = format!("qpidbench{}@localhost", std::process::id());
+        Broker::start_rabbit_node(
+            server,
+            dir,
+            &name,
+            &dir.join("home"),
+            Duration::from_secs(90),
+        )
+    }
+
+    /// One RabbitMQ node named `name` with its files under `dir` and `HOME` = `home` (where
+    /// its Erlang cookie is), on free loopback ports, given `limit` to open its port.
+    pub(super) fn start_rabbit_node(
+        server: &Path,
+        dir: &Path,
+        name: &str,
+        home: &Path,
+        limit: Duration,
+    ) -> Result<Broker> {
+        for sub in ["mnesia", "log"] {
             fs::create_dir_all(dir.join(sub))?;
         }
         fs::write(dir.join("enabled_plugins"), "[].\n")?;
@@ -1190,11 +1210,8 @@ impl Broker {
         let log = dir.join("log/startup.log");
         let epmd_before = pids_named("epmd");
         let mut child = Command::new(server)
-            .env("HOME", dir.join("home"))
-            .env(
-                "RABBITMQ_NODENAME",
-                format!("qpidbench{}@localhost", std::process::id()),
-            )
+            .env("HOME", home)
+            .env("RABBITMQ_NODENAME", name)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", port.to_string())
             .env("RABBITMQ_DIST_PORT", dist_port.to_string())
@@ -1208,12 +1225,12 @@ impl Broker {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", server.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + limit;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         loop {
             if let Some(s) = child.try_wait()? {
                 bail!(
-                    "rabbitmq-server exited during start-up ({s}); see {}",
+                    "rabbitmq-server {name} exited during start-up ({s}); see {}",
                     log.display()
                 );
             }
@@ -1223,7 +1240,8 @@ impl Broker {
             if Instant::now() > deadline {
                 signal("-KILL", &format!("-{}", child.id()));
                 bail!(
-                    "RabbitMQ did not open port {port} within 90 s; see {}",
+                    "RabbitMQ {name} did not open port {port} within {} s; see {}",
+                    limit.as_secs(),
                     log.display()
                 );
             }

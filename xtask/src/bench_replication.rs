@@ -269,49 +269,14 @@ impl ReplEnv<'_> {
         args: &[String],
         limit: Duration,
     ) -> Result<(Json, Vec<String>)> {
-        let base = self.runs_dir.join(format!("{label}-{}", unique()));
-        let out_path = base.with_extension("json");
-        let err_path = base.with_extension("err");
-        let mut child = Command::new(self.perftest)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out_path)?)
-            .stderr(fs::File::create(&err_path)?)
-            .spawn()
-            .context("starting qpid-perftest")?;
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if t0.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("qpid-perftest {} hung and was killed", args.join(" "));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-        ensure!(
-            status.success(),
-            "qpid-perftest {} failed ({status}): {}",
-            args.join(" "),
-            stderr.trim()
-        );
-        let report = Json::parse(&fs::read_to_string(&out_path)?)
-            .with_context(|| format!("parsing {}", out_path.display()))?;
-        let mut problems = Vec::new();
-        for key in ["problems", "errors"] {
-            if let Some(Json::Arr(ps)) = report.get(key) {
-                problems.extend(ps.iter().filter_map(|p| p.as_str().map(str::to_string)));
-            }
-        }
-        for key in ["messages.lost", "messages.duplicates"] {
-            if report.num(key).unwrap_or(0.0) > 0.0 {
-                problems.push(format!("{key}: {}", report.num(key).unwrap_or(0.0)));
-            }
-        }
-        Ok((report, problems))
+        run_perftest(
+            self.perftest,
+            self.runs_dir,
+            label,
+            args,
+            limit,
+            &["messages.lost", "messages.duplicates"],
+        )
     }
 
     /// Ready replicas of `queue` on a fresh pair (the queue declared on both first).
@@ -974,6 +939,61 @@ fn check_alive(res: &mut ReplResult, mut pair: Pair) -> Result<()> {
     pair.original.stop();
     pair.replica.stop();
     Ok(())
+}
+/// One `qpid-perftest` run (output kept in `runs_dir` under `label`), killed after `limit`; its
+/// JSON report and problems: the report's own, plus each of `counted` (e.g. `messages.lost`)
+/// that is not zero.
+pub(super) fn run_perftest(
+    perftest: &Path,
+    runs_dir: &Path,
+    label: &str,
+    args: &[String],
+    limit: Duration,
+    counted: &[&str],
+) -> Result<(Json, Vec<String>)> {
+    let base = runs_dir.join(format!("{label}-{}", unique()));
+    let out_path = base.with_extension("json");
+    let err_path = base.with_extension("err");
+    let mut child = Command::new(perftest)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?)
+        .spawn()
+        .context("starting qpid-perftest")?;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("qpid-perftest {} hung and was killed", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+    ensure!(
+        status.success(),
+        "qpid-perftest {} failed ({status}): {}",
+        args.join(" "),
+        stderr.trim()
+    );
+    let report = Json::parse(&fs::read_to_string(&out_path)?)
+        .with_context(|| format!("parsing {}", out_path.display()))?;
+    let mut problems = Vec::new();
+    for key in ["problems", "errors"] {
+        if let Some(Json::Arr(ps)) = report.get(key) {
+            problems.extend(ps.iter().filter_map(|p| p.as_str().map(str::to_string)));
+        }
+    }
+    for key in counted {
+        if report.num(key).unwrap_or(0.0) > 0.0 {
+            problems.push(format!("{key}: {}", report.num(key).unwrap_or(0.0)));
+        }
+    }
+    Ok((report, problems))
 }
 
 /// Runs `bin ARGS` with a deadline: (status, stdout, stderr).

@@ -23,15 +23,10 @@
 //! * `store-disk`: then consume and ack all of them, sample the size of `DIR/store` every 5 s
 //!   for 60 s, and report the last size (≤ 64 MiB + 1 MiB per durable queue).
 
-use super::replication::{Amqp, Mgmt, ReplResult, find_row, run_limited};
-use super::{
-    Broker, BrokerKind, Json, Options, free_port, group, pids_named, short_str, signal, stat,
-    unique,
-};
+use super::replication::{Amqp, Mgmt, ReplResult, find_row, run_limited, run_perftest};
+use super::{Broker, Json, Options, free_port, group, pids_named, short_str, signal, stat, unique};
 use anyhow::{Context, Result, bail, ensure};
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -308,49 +303,14 @@ impl StoreEnv<'_> {
         args: &[String],
         limit: Duration,
     ) -> Result<(Json, Vec<String>)> {
-        let base = self.runs_dir.join(format!("{label}-{}", unique()));
-        let out_path = base.with_extension("json");
-        let err_path = base.with_extension("err");
-        let mut child = Command::new(self.perftest)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out_path)?)
-            .stderr(fs::File::create(&err_path)?)
-            .spawn()
-            .context("starting qpid-perftest")?;
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if t0.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("qpid-perftest {} hung and was killed", args.join(" "));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-        ensure!(
-            status.success(),
-            "qpid-perftest {} failed ({status}): {}",
-            args.join(" "),
-            stderr.trim()
-        );
-        let report = Json::parse(&fs::read_to_string(&out_path)?)
-            .with_context(|| format!("parsing {}", out_path.display()))?;
-        let mut problems = Vec::new();
-        for key in ["problems", "errors"] {
-            if let Some(Json::Arr(ps)) = report.get(key) {
-                problems.extend(ps.iter().filter_map(|p| p.as_str().map(str::to_string)));
-            }
-        }
-        for key in ["messages.lost", "messages.duplicates", "messages.nacked"] {
-            if report.num(key).unwrap_or(0.0) > 0.0 {
-                problems.push(format!("{key}: {}", report.num(key).unwrap_or(0.0)));
-            }
-        }
-        Ok((report, problems))
+        run_perftest(
+            self.perftest,
+            self.runs_dir,
+            label,
+            args,
+            limit,
+            &["messages.lost", "messages.duplicates", "messages.nacked"],
+        )
     }
 
     /// The load of every measure: 1→1, 1 KiB persistent, confirms 1,000, manual acks.
@@ -1207,7 +1167,13 @@ impl RabbitCluster {
         for i in 0..3 {
             let name = format!("qsb{i}x{}@localhost", std::process::id());
             let t0 = Instant::now();
-            let b = start_rabbit_node(server, &dir.join(format!("n{i}")), &name, &c.home)?;
+            let b = Broker::start_rabbit_node(
+                server,
+                &dir.join(format!("n{i}")),
+                &name,
+                &c.home,
+                Duration::from_secs(120),
+            )?;
             println!(
                 "    RabbitMQ node {name} on 127.0.0.1:{} in {:.1} s (log {})",
                 b.port,
@@ -1292,70 +1258,6 @@ impl RabbitCluster {
             }
         }
     }
-}
-
-/// One RabbitMQ node named `name` with its files under `dir` and `HOME` = `home` (the shared
-/// cookie), on free loopback ports, as [`Broker::start_rabbitmq`] starts the single node.
-fn start_rabbit_node(server: &Path, dir: &Path, name: &str, home: &Path) -> Result<Broker> {
-    for sub in ["mnesia", "log"] {
-        fs::create_dir_all(dir.join(sub))?;
-    }
-    fs::write(dir.join("enabled_plugins"), "[].\n")?;
-    let port = free_port()?;
-    let dist_port = free_port()?;
-    let log = dir.join("log/startup.log");
-    let epmd_before = pids_named("epmd");
-    let mut child = Command::new(server)
-        .env("HOME", home)
-        .env("RABBITMQ_NODENAME", name)
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_NODE_PORT", port.to_string())
-        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-        .env("RABBITMQ_LOG_BASE", dir.join("log"))
-        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&log)?)
-        .stderr(Stdio::from(fs::File::options().append(true).open(&log)?))
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {}", server.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    loop {
-        if let Some(s) = child.try_wait()? {
-            bail!(
-                "rabbitmq-server {name} exited during start-up ({s}); see {}",
-                log.display()
-            );
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            break;
-        }
-        if Instant::now() > deadline {
-            signal("-KILL", &format!("-{}", child.id()));
-            bail!(
-                "RabbitMQ {name} did not open port {port} within 120 s; see {}",
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let pid = super::children(child.id())
-        .into_iter()
-        .find(|&p| super::comm(p).as_deref() == Some("beam.smp"))
-        .unwrap_or(child.id());
-    Ok(Broker {
-        kind: BrokerKind::RabbitMq,
-        child,
-        pid,
-        port,
-        log,
-        epmd_before,
-        _stdout: None,
-        stopped: false,
-    })
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ pub fn store(dir: &Path, epoch: u64, system_id: &str) -> Result<(), String> {
     broker_core::store::write_durably(
         dir,
         FILE,
-        &format!("{MAGIC} {VERSION} {epoch} {system_id}\n"),
+        format!("{MAGIC} {VERSION} {epoch} {system_id}\n"),
     )
     .map_err(|e| format!("cannot store the epoch in {}: {e}", path.display()))
 }

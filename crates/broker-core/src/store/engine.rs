@@ -177,11 +177,29 @@ impl Pending {
 }
 
 impl Shared {
+    /// Appends one record; returns its segment.
     fn append(&self, record_len: usize, kind: u8, payload: impl FnOnce(&mut Vec<u8>)) -> u64 {
+        self.push(
+            record_len,
+            |out| journal::append_record(out, kind, payload),
+            |_, _| {},
+        )
+    }
+
+    /// Appends `len` bytes written by `write` to the current segment, then runs `then` with
+    /// that segment under the same lock (live counts, holds, dependencies), and wakes the
+    /// writer if it had nothing to do. Returns the segment.
+    fn push(
+        &self,
+        len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+        then: impl FnOnce(&mut Pending, u64),
+    ) -> u64 {
         let mut p = self.pending.lock();
         let was_empty = p.chunks.is_empty();
-        let (seg, out) = p.buffer_for(record_len, self.segment_size);
-        journal::append_record(out, kind, payload);
+        let (seg, out) = p.buffer_for(len, self.segment_size);
+        write(out);
+        then(&mut p, seg);
         drop(p);
         if was_empty {
             self.wake.notify_one();
@@ -697,30 +715,27 @@ impl QueueObserver for QueueJournal {
         let data_len =
             m.exchange().len() + m.routing_key().len() + m.raw_properties().len() + m.body().len();
         let record_len = RECORD_OVERHEAD + 1 + 30 + data_len;
-        let mut p = shared.pending.lock();
-        let was_empty = p.chunks.is_empty();
-        let (seg, out) = p.buffer_for(record_len, shared.segment_size);
-        journal::append_record(out, REC_ENQUEUE, |o| {
-            o.extend_from_slice(&self.key.to_le_bytes());
-            o.extend_from_slice(&entry.id.to_le_bytes());
-            o.extend_from_slice(&expires.to_le_bytes());
-            o.push(m.exchange().len() as u8);
-            o.push(m.routing_key().len() as u8);
-            o.extend_from_slice(&(m.raw_properties().len() as u32).to_le_bytes());
-            o.extend_from_slice(m.exchange().as_bytes());
-            o.extend_from_slice(m.routing_key().as_bytes());
-            o.extend_from_slice(m.raw_properties());
-            o.extend_from_slice(m.body());
+        let write = |out: &mut Vec<u8>| {
+            journal::append_record(out, REC_ENQUEUE, |o| {
+                o.extend_from_slice(&self.key.to_le_bytes());
+                o.extend_from_slice(&entry.id.to_le_bytes());
+                o.extend_from_slice(&expires.to_le_bytes());
+                o.push(m.exchange().len() as u8);
+                o.push(m.routing_key().len() as u8);
+                o.extend_from_slice(&(m.raw_properties().len() as u32).to_le_bytes());
+                o.extend_from_slice(m.exchange().as_bytes());
+                o.extend_from_slice(m.routing_key().as_bytes());
+                o.extend_from_slice(m.raw_properties());
+                o.extend_from_slice(m.body());
+            })
+        };
+        let seg = shared.push(record_len, write, |p, seg| {
+            *p.live.entry(seg).or_default() += 1;
+            if let Some(c) = confirm {
+                p.holds.push(c.hold());
+            }
         });
-        *p.live.entry(seg).or_default() += 1;
-        if let Some(c) = confirm {
-            p.holds.push(c.hold());
-        }
-        drop(p);
         self.state.lock().note(entry.id, seg);
-        if was_empty {
-            shared.wake.notify_one();
-        }
     }
 
     fn dequeued(&self, _queue: &Queue, entry: &QueuedMessage, reason: DequeueReason) {
@@ -731,20 +746,29 @@ impl QueueObserver for QueueJournal {
             return;
         };
         let seg = self.state.lock().segment_of(entry.id);
-        let written_in = (reason != DequeueReason::Deleted).then(|| {
-            shared.append(RECORD_OVERHEAD + 1 + 16, REC_DEQUEUE, |o| {
-                o.extend_from_slice(&self.key.to_le_bytes());
-                o.extend_from_slice(&entry.id.to_le_bytes());
-            })
-        });
-        if let Some(seg) = seg {
-            let mut p = shared.pending.lock();
-            if let Some(n) = p.live.get_mut(&seg) {
-                *n = n.saturating_sub(1);
+        // Its enqueue's segment has one live message less; a dequeue record written in a later
+        // segment is needed while that segment exists. One lock for both.
+        let settle = |p: &mut Pending, at: Option<u64>| {
+            if let Some(seg) = seg {
+                if let Some(n) = p.live.get_mut(&seg) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Some(at) = at {
+                    p.depends(seg, at);
+                }
             }
-            if let Some(at) = written_in {
-                p.depends(seg, at);
-            }
+        };
+        if reason == DequeueReason::Deleted {
+            // The queue's deletion record says it all.
+            settle(&mut shared.pending.lock(), None);
+        } else {
+            let write = |out: &mut Vec<u8>| {
+                journal::append_record(out, REC_DEQUEUE, |o| {
+                    o.extend_from_slice(&self.key.to_le_bytes());
+                    o.extend_from_slice(&entry.id.to_le_bytes());
+                })
+            };
+            shared.push(RECORD_OVERHEAD + 1 + 16, write, |p, at| settle(p, Some(at)));
         }
     }
 }
@@ -1039,27 +1063,25 @@ fn carry_dequeues_forward(shared: &Shared, carried: &mut HashSet<u64>) {
         if end != End::Clean {
             continue;
         }
-        let mut p = shared.pending.lock();
-        let was_empty = p.chunks.is_empty();
-        let (to, out) = p.buffer_for(records.len(), shared.segment_size);
-        out.extend_from_slice(&records);
-        let older: Vec<u64> = p
-            .dependents
-            .iter()
-            .filter(|(_, later)| later.contains(&seg))
-            .map(|(&of, _)| of)
-            .collect();
-        for of in older {
-            if let Some(later) = p.dependents.get_mut(&of) {
-                later.remove(&seg);
-            }
-            p.depends(of, to);
-        }
-        p.needed_by.remove(&seg);
-        drop(p);
-        if was_empty {
-            shared.wake.notify_one();
-        }
+        shared.push(
+            records.len(),
+            |out| out.extend_from_slice(&records),
+            |p, to| {
+                let older: Vec<u64> = p
+                    .dependents
+                    .iter()
+                    .filter(|(_, later)| later.contains(&seg))
+                    .map(|(&of, _)| of)
+                    .collect();
+                for of in older {
+                    if let Some(later) = p.dependents.get_mut(&of) {
+                        later.remove(&seg);
+                    }
+                    p.depends(of, to);
+                }
+                p.needed_by.remove(&seg);
+            },
+        );
         tracing::debug!(target: "Store", "Store: carried the dequeue records of {} forward", path.display());
     }
 }
@@ -1102,15 +1124,8 @@ fn open_config_file(dir: &Path) -> Result<File, String> {
 }
 
 fn write_config_snapshot(dir: &Path, snapshot: &[u8]) -> Result<(), String> {
-    let tmp = dir.join(format!("{CONFIG_FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(snapshot)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(CONFIG_FILE))?;
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", dir.join(CONFIG_FILE).display()))
+    super::write_durably(dir, CONFIG_FILE, snapshot)
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(CONFIG_FILE).display()))
 }
 
 /// Reads a whole journal file, checks its header and scans it; a torn tail is cut off (when

@@ -30,7 +30,7 @@ pub fn load_or_create(dir: &Path) -> Result<uuid::Uuid, String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4();
-            super::write_durably(dir, FILE, &format!("{MAGIC} {VERSION} {id}\n"))
+            super::write_durably(dir, FILE, format!("{MAGIC} {VERSION} {id}\n"))
                 .map_err(|e| format!("cannot store the system id in {}: {e}", path.display()))?;
             Ok(id)
         }
