@@ -4,7 +4,8 @@
 //! a stalled backup, repeated failovers with numbered publishers and consumers, and clients
 //! given [backup, primary].
 
-use std::collections::{BTreeMap, BTreeSet};
+use crate::t114_cluster_hold_and_loop::{Numbered, numbered_consumer, numbered_publisher};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -908,141 +909,6 @@ async fn a_stalled_backup_releases_confirms_after_the_ack_timeout_and_is_ready_a
 
 // ---- repeated failover with numbered publisher and consumer ------------------------------
 
-/// Connects to whichever member accepts an ordinary client (the primary), trying each in turn
-/// until `FOLLOW` passes.
-async fn connect_any(ports: &[u16]) -> (lapin::Connection, u16) {
-    let end = Instant::now() + FOLLOW;
-    loop {
-        for p in ports {
-            let url = format!("amqp://guest:guest@127.0.0.1:{p}/%2f");
-            let r = tokio::time::timeout(
-                Duration::from_secs(2),
-                lapin::Connection::connect(&url, Default::default()),
-            )
-            .await;
-            if let Ok(Ok(c)) = r {
-                return (c, *p);
-            }
-        }
-        assert!(Instant::now() < end, "no member accepted a client");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[derive(Default)]
-struct Numbered {
-    /// Highest number whose publish was confirmed (acked), if any.
-    confirmed: Option<u32>,
-    /// Numbers published more than once (republished after a lost confirm).
-    republished: BTreeSet<u32>,
-    /// Every delivery: (number, redelivered flag).
-    received: Vec<(u32, bool)>,
-    stop: bool,
-}
-
-/// Awaits one client step for at most 10 s; a broker that never answers fails the test with
-/// the step and the member's port.
-async fn step<T>(what: &str, port: u16, f: impl std::future::Future<Output = T>) -> T {
-    integration_tests::within_for(
-        Duration::from_secs(10),
-        &format!("{what} on the member at port {port}"),
-        f,
-    )
-    .await
-}
-
-async fn numbered_publisher(ports: Vec<u16>, state: Arc<Mutex<Numbered>>, total: u32) {
-    let mut next = 0u32;
-    let mut attempts: BTreeMap<u32, u32> = BTreeMap::new();
-    'connection: loop {
-        let (conn, port) = connect_any(&ports).await;
-        let Ok(ch) = step("publisher channel.open", port, conn.create_channel()).await else {
-            continue;
-        };
-        let select = ch.confirm_select(Default::default());
-        if step("confirm.select", port, select).await.is_err() {
-            continue;
-        }
-        while next < total {
-            *attempts.entry(next).or_default() += 1;
-            if attempts[&next] > 1 {
-                state.lock().unwrap().republished.insert(next);
-            }
-            let body = next.to_string();
-            let publish = ch.basic_publish(
-                "".into(),
-                "fsr".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default().with_delivery_mode(2),
-            );
-            // basic.publish has no reply of its own (see the consumer's ack): a publish that
-            // cannot be written within 2 s means this connection is gone.
-            let Ok(Ok(confirm)) = tokio::time::timeout(Duration::from_secs(2), publish).await
-            else {
-                continue 'connection;
-            };
-            // A confirm never answered (the primary died) shows as a closed connection.
-            match step(&format!("the confirm of {next}"), port, confirm).await {
-                Ok(c) if c.is_ack() => {
-                    state.lock().unwrap().confirmed = Some(next);
-                    next += 1;
-                }
-                Ok(c) => panic!("message {next} nacked: {c:?}"),
-                Err(_) => continue 'connection,
-            }
-        }
-        let _ = step("publisher close", port, conn.close(200, "done".into())).await;
-        return;
-    }
-}
-
-async fn numbered_consumer(ports: Vec<u16>, state: Arc<Mutex<Numbered>>) {
-    use futures_lite::StreamExt;
-    loop {
-        if state.lock().unwrap().stop {
-            return;
-        }
-        let (conn, port) = connect_any(&ports).await;
-        let Ok(ch) = step("consumer channel.open", port, conn.create_channel()).await else {
-            continue;
-        };
-        let _ = step("basic.qos", port, ch.basic_qos(10, Default::default())).await;
-        let consume = ch.basic_consume(
-            "fsr".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        );
-        let Ok(mut consumer) = step("basic.consume", port, consume).await else {
-            continue;
-        };
-        loop {
-            if state.lock().unwrap().stop {
-                return;
-            }
-            match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-                Err(_) => continue,
-                Ok(Some(Ok(d))) => {
-                    let n: u32 = String::from_utf8_lossy(&d.data).parse().unwrap();
-                    state.lock().unwrap().received.push((n, d.redelivered));
-                    // basic.ack has no reply: lapin's future only says it was written, and it
-                    // can stay pending when the connection died under it (seen after a kill -9
-                    // of the primary). Either way this connection is done with.
-                    let ack = d.ack(BasicAckOptions::default());
-                    if !matches!(
-                        tokio::time::timeout(Duration::from_secs(2), ack).await,
-                        Ok(Ok(_))
-                    ) {
-                        break;
-                    }
-                }
-                Ok(_) => break,
-            }
-        }
-    }
-}
-
 /// Reference `test_failover_send_receive` (short): three failovers among three members while a
 /// publisher numbers its messages (one in flight, confirms) and a consumer acknowledges them.
 /// Each time the primary is killed (-9), a ready backup is promoted, the clients find the new
@@ -1067,8 +933,13 @@ async fn three_failovers_lose_no_confirmed_message_and_leave_no_gap() {
     }
     let state = Arc::new(Mutex::new(Numbered::default()));
     let total = 1200;
-    let publisher = tokio::spawn(numbered_publisher(ports.clone(), state.clone(), total));
-    let consumer = tokio::spawn(numbered_consumer(ports.clone(), state.clone()));
+    let publisher = tokio::spawn(numbered_publisher(
+        ports.clone(),
+        "fsr",
+        state.clone(),
+        Some(total),
+    ));
+    let consumer = tokio::spawn(numbered_consumer(ports.clone(), "fsr", state.clone()));
     let mut primary = 0;
     for round in 0..3 {
         // Let traffic flow on this primary.

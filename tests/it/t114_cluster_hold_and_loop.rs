@@ -309,7 +309,7 @@ async fn queue_hold_keeps_confirms_pending_until_every_expected_backup_is_back()
 
 /// Connects to whichever member accepts an ordinary client (the primary), trying each in turn
 /// until `FOLLOW` passes.
-async fn connect_any(ports: &[u16]) -> (lapin::Connection, u16) {
+pub(crate) async fn connect_any(ports: &[u16]) -> (lapin::Connection, u16) {
     let end = Instant::now() + FOLLOW;
     loop {
         for p in ports {
@@ -329,17 +329,17 @@ async fn connect_any(ports: &[u16]) -> (lapin::Connection, u16) {
 }
 
 #[derive(Default)]
-struct Numbered {
+pub(crate) struct Numbered {
     /// Highest number whose publish was confirmed (acked), if any.
-    confirmed: Option<u32>,
+    pub(crate) confirmed: Option<u32>,
     /// Numbers published more than once (republished after a lost confirm).
-    republished: BTreeSet<u32>,
+    pub(crate) republished: BTreeSet<u32>,
     /// Every delivery: (number, redelivered flag).
-    received: Vec<(u32, bool)>,
+    pub(crate) received: Vec<(u32, bool)>,
     /// Tells the publisher to publish no new number.
-    stop_publishing: bool,
+    pub(crate) stop_publishing: bool,
     /// Tells the consumer to return.
-    stop: bool,
+    pub(crate) stop: bool,
 }
 
 /// Awaits one client step for at most 10 s; a broker that never answers fails the test with
@@ -354,9 +354,14 @@ async fn step<T>(what: &str, port: u16, f: impl std::future::Future<Output = T>)
 }
 
 /// Publishes 0, 1, 2... to `queue`, one in flight, each until confirmed (republished on a new
-/// connection when the confirm was lost), until told to stop; a number once published is
-/// always confirmed before it stops.
-async fn numbered_publisher(ports: Vec<u16>, queue: &'static str, state: Arc<Mutex<Numbered>>) {
+/// connection when the confirm was lost), until told to stop or, with `total`, until
+/// `total - 1` is confirmed; a number once published is always confirmed before it stops.
+pub(crate) async fn numbered_publisher(
+    ports: Vec<u16>,
+    queue: &'static str,
+    state: Arc<Mutex<Numbered>>,
+    total: Option<u32>,
+) {
     let mut next = 0u32;
     let mut attempts: BTreeMap<u32, u32> = BTreeMap::new();
     'connection: loop {
@@ -369,7 +374,8 @@ async fn numbered_publisher(ports: Vec<u16>, queue: &'static str, state: Arc<Mut
             continue;
         }
         loop {
-            if !attempts.contains_key(&next) && state.lock().unwrap().stop_publishing {
+            let done = total.is_some_and(|t| next >= t);
+            if done || !attempts.contains_key(&next) && state.lock().unwrap().stop_publishing {
                 let _ = step("publisher close", port, conn.close(200, "done".into())).await;
                 return;
             }
@@ -406,7 +412,11 @@ async fn numbered_publisher(ports: Vec<u16>, queue: &'static str, state: Arc<Mut
 
 /// Consumes `queue` (prefetch 10, acks) on whichever member is primary, recording every
 /// delivery, until told to stop.
-async fn numbered_consumer(ports: Vec<u16>, queue: &'static str, state: Arc<Mutex<Numbered>>) {
+pub(crate) async fn numbered_consumer(
+    ports: Vec<u16>,
+    queue: &'static str,
+    state: Arc<Mutex<Numbered>>,
+) {
     use futures_lite::StreamExt;
     loop {
         if state.lock().unwrap().stop {
@@ -524,6 +534,7 @@ async fn ten_failovers_with_two_publishers_and_two_consumers_lose_nothing_confir
             ports.clone(),
             q,
             s.clone(),
+            None,
         )));
         consumers.push(tokio::spawn(numbered_consumer(ports.clone(), q, s.clone())));
     }
