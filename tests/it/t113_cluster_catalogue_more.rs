@@ -58,7 +58,7 @@ fn qpid_config_ok(args: &[&str]) -> Run {
     r
 }
 
-fn kill(b: &mut TestBroker) {
+pub(crate) fn kill(b: &mut TestBroker) {
     b.signal("KILL");
     b.wait_exit(Duration::from_secs(5));
 }
@@ -71,7 +71,7 @@ async fn failover(brokers: &mut [TestBroker], dead: usize, next: usize) {
 }
 
 /// The states of the primary's replicating subscriptions on `queue` (`qpid-ha query --json`).
-fn subscription_states(primary: &TestBroker, queue: &str) -> Vec<String> {
+pub(crate) fn subscription_states(primary: &TestBroker, queue: &str) -> Vec<String> {
     let r = qpid_ha(&["query", "--json", "-b", &addr(primary)]);
     let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
     j["brokers"][0]["subscriptions"]
@@ -102,7 +102,7 @@ fn subscription_rows(primary: &TestBroker, queue: &str) -> String {
 /// Waits until the primary has `n` replicating subscriptions on `queue`, all `ready`: only
 /// then are that queue's confirms and commit-oks sure to wait for each backup (a backup's own
 /// status can still say `ready` for a moment after a new queue was declared).
-async fn wait_subscriptions_ready(primary: &TestBroker, queue: &str, n: usize) {
+pub(crate) async fn wait_subscriptions_ready(primary: &TestBroker, queue: &str, n: usize) {
     let ok = eventually(FOLLOW, || async {
         let states = subscription_states(primary, queue);
         states.len() == n && states.iter().all(|s| s == "ready")
@@ -115,11 +115,11 @@ async fn wait_subscriptions_ready(primary: &TestBroker, queue: &str, n: usize) {
     );
 }
 
-async fn count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+pub(crate) async fn count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
     message_count(conn, queue).await.ok()
 }
 
-async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
+pub(crate) async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
     let ok = eventually(FOLLOW, || async { count(conn, queue).await == Some(n) }).await;
     assert!(
         ok,
@@ -137,7 +137,7 @@ async fn wait_exists(conn: &lapin::Connection, queue: &str, exists: bool) {
 }
 
 /// Polls a broker's log (read by another thread) until it contains `text`.
-async fn wait_log(b: &TestBroker, text: &str) {
+pub(crate) async fn wait_log(b: &TestBroker, text: &str) {
     let ok = eventually(FOLLOW, || async { b.log().contains(text) }).await;
     assert!(ok, "log of {} lacks {text:?}:\n{}", addr(b), b.log());
 }

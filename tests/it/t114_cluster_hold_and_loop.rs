@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{
     TempDir, TestBroker, addr, admin, channel, declare, eventually, free_port, get, loopback_url,
-    member, message_count, promote, qpid_ha, ready_cluster, status, wait_status, within,
-    within_for,
+    member, promote, qpid_ha, ready_cluster, status, wait_status, within, within_for,
 };
 use lapin::BasicProperties;
 use lapin::options::{
@@ -20,29 +19,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 
+use crate::t113_cluster_catalogue_more::{kill, wait_count, wait_log, wait_subscriptions_ready};
+
 const FOLLOW: Duration = Duration::from_secs(15);
 
 // ---- helpers (copied from t112_cluster_catalogue / t113_cluster_catalogue_more) -------------
-
-fn kill(b: &mut TestBroker) {
-    b.signal("KILL");
-    b.wait_exit(Duration::from_secs(5));
-}
-
-/// The states of the primary's replicating subscriptions on `queue` (`qpid-ha query --json`).
-fn subscription_states(primary: &TestBroker, queue: &str) -> Vec<String> {
-    let r = qpid_ha(&["query", "--json", "-b", &addr(primary)]);
-    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
-    j["brokers"][0]["subscriptions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|s| s["queue"] == queue)
-                .filter_map(|s| s["state"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// The members the broker lists (`qpid-ha query --json`), for failure messages.
 fn members(b: &TestBroker) -> String {
@@ -58,40 +39,6 @@ fn expected_line(b: &TestBroker) -> String {
         .filter(|l| l.contains("waiting for"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Waits until the primary has `n` replicating subscriptions on `queue`, all `ready`: only
-/// then are that queue's confirms sure to wait for each backup.
-async fn wait_subscriptions_ready(primary: &TestBroker, queue: &str, n: usize) {
-    let ok = eventually(FOLLOW, || async {
-        let states = subscription_states(primary, queue);
-        states.len() == n && states.iter().all(|s| s == "ready")
-    })
-    .await;
-    assert!(
-        ok,
-        "subscriptions on '{queue}': {:?}",
-        subscription_states(primary, queue)
-    );
-}
-
-async fn count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
-    message_count(conn, queue).await.ok()
-}
-
-async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
-    let ok = eventually(FOLLOW, || async { count(conn, queue).await == Some(n) }).await;
-    assert!(
-        ok,
-        "'{queue}' holds {:?}, expected {n}",
-        count(conn, queue).await
-    );
-}
-
-/// Polls a broker's log (read by another thread) until it contains `text`.
-async fn wait_log(b: &TestBroker, text: &str) {
-    let ok = eventually(FOLLOW, || async { b.log().contains(text) }).await;
-    assert!(ok, "log of {} lacks {text:?}:\n{}", addr(b), b.log());
 }
 
 async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
