@@ -197,6 +197,10 @@ async fn read_loop(
     let mut closing_since: Option<Instant> = None;
     let mut stopping = false;
     let mut evict = broker.eviction();
+    // One future for the connection's life: it registers with the Outbound once, not on every
+    // pass of the loop.
+    let aborted = out.aborted();
+    tokio::pin!(aborted);
     loop {
         // Every complete frame in the buffer, then what they produced goes out inline.
         let ended = delivery::run_batch(|| process_frames(conn, &mut buf));
@@ -240,7 +244,7 @@ async fn read_loop(
                 }
                 return Ok(());
             }
-            _ = out.aborted() => {
+            _ = &mut aborted => {
                 tracing::warn!(target: "Network", "connection {}: dropped by the broker (see above)", conn.id);
                 return Ok(());
             }
