@@ -320,12 +320,10 @@ fn segments_size(data: &Path) -> u64 {
         .sum()
 }
 
-/// The newest segment (highest number).
+/// The newest segment holding a record (the writer creates the next segment, header only,
+/// ahead of need: that one is newer).
 fn newest_segment(data: &Path) -> PathBuf {
-    segments(data)
-        .pop()
-        .unwrap_or_else(|| panic!("no msg-*.jnl in {}", store_dir(data).display()))
-        .1
+    newest_segment_with(data, 1)
 }
 
 /// The newest segment holding at least `n` records.
@@ -1179,14 +1177,29 @@ async fn confirmed_then_killed(dir: &Path, n: usize) {
     drop(conn);
 }
 
-/// A partial record at the end of the newest segment (a length of 1000 and 10 bytes) is dropped
-/// with a warning naming the file and offset, the file is truncated there, and every confirmed
-/// message is there.
+/// A partial record at the end of the newest segment holding records (a length of 1000 and 10
+/// bytes) is dropped with a warning naming the file and offset, the file is truncated there, and
+/// every confirmed message is there. The segment the writer created ahead of need (header only)
+/// follows it, and a temporary file left by an interrupted creation of the one after is removed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_torn_partial_record_at_the_tail_is_dropped_with_a_warning() {
     let dir = TempDir::new("store-torn");
     confirmed_then_killed(dir.path(), 20).await;
     let seg = newest_segment(dir.path());
+    let all = segments(dir.path());
+    let (ahead_n, ahead) = all.last().cloned().expect("segments");
+    assert_ne!(
+        ahead, seg,
+        "the segment created ahead must follow the newest one with records: {all:?}"
+    );
+    assert_eq!(
+        read(&ahead).len(),
+        HEADER,
+        "{} holds only its header",
+        ahead.display()
+    );
+    let half_created = store_dir(dir.path()).join(format!("msg-{:016x}.jnl.tmp", ahead_n + 1));
+    write(&half_created, &[0u8; 10]);
     let mut file = read(&seg);
     let good_len = file.len();
     assert_eq!(
@@ -1214,6 +1227,11 @@ async fn a_torn_partial_record_at_the_tail_is_dropped_with_a_warning() {
         std::fs::metadata(&seg).map(|m| m.len()).ok(),
         Some(good_len as u64),
         "the torn record must be truncated away"
+    );
+    assert!(
+        !half_created.exists(),
+        "{} must be removed at the start",
+        half_created.display()
     );
     let conn = broker.connect().await;
     let ch = channel(&conn).await;

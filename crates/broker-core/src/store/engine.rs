@@ -41,6 +41,8 @@ const REC_EXCHANGE_DELETE: u8 = 19;
 const REC_BIND: u8 = 20;
 const REC_UNBIND: u8 = 21;
 
+/// Added to a segment's name while it is being created.
+const TMP_SUFFIX: &str = ".tmp";
 /// The configuration journal's name.
 pub const CONFIG_FILE: &str = "config.jnl";
 /// How often a failed write is retried.
@@ -776,18 +778,112 @@ impl QueueObserver for QueueJournal {
 // ---- the writer ---------------------------------------------------------------------------
 
 fn create_segment(dir: &Path, n: u64) -> std::io::Result<File> {
+    // Under a temporary name until its header is on disk: a file with a segment's name always
+    // has a whole header (recovery deletes a leftover temporary file).
     let path = dir.join(segment_name(n));
+    let tmp = dir.join(format!("{}{TMP_SUFFIX}", segment_name(n)));
     let mut f = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&path)?;
+        .open(&tmp)?;
     f.write_all(&journal::header(journal::MESSAGE_MAGIC, n))?;
     f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
     File::open(dir)?.sync_all()?;
     // Appending: after a failed write is truncated away, the next write goes to the new end
     // (a positioned handle would leave a hole there).
     OpenOptions::new().append(true).open(&path)
+}
+
+/// The writer's helper thread: creates the next segment before the writer needs it and
+/// deletes reclaimed ones, so neither (a few milliseconds each, an unlink of a full segment
+/// about ten) stalls a round and the confirms waiting on it.
+struct FileKeeper {
+    jobs: std::sync::mpsc::Sender<FileJob>,
+    /// The segment being created ahead, and where its file will come.
+    ahead: Option<(u64, std::sync::mpsc::Receiver<std::io::Result<File>>)>,
+}
+
+enum FileJob {
+    Create(u64, std::sync::mpsc::SyncSender<std::io::Result<File>>),
+    /// Deleted, then closed (the last close of an unlinked file frees its space).
+    Delete(Vec<(PathBuf, Option<File>)>),
+}
+
+impl FileKeeper {
+    fn start(dir: PathBuf) -> FileKeeper {
+        let (jobs, rx) = std::sync::mpsc::channel::<FileJob>();
+        let spawned = std::thread::Builder::new()
+            .name("qpidd-store-files".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        FileJob::Create(n, done) => {
+                            let _ = done.send(create_segment(&dir, n));
+                        }
+                        FileJob::Delete(doomed) => {
+                            for (path, file) in doomed {
+                                delete_segment(&path);
+                                drop(file);
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the helper, the writer does both itself.
+            tracing::warn!(target: "Store", "Store: cannot start the store's file thread: {e}");
+        }
+        FileKeeper { jobs, ahead: None }
+    }
+
+    /// Segment `n`, opened for appending: the one created ahead if it is that one, else
+    /// created now. Asks for `n + 1` to be created ahead.
+    fn segment(&mut self, dir: &Path, n: u64) -> std::io::Result<File> {
+        let made = match self.ahead.take() {
+            Some((m, rx)) if m == n => rx.recv().ok().and_then(|r| r.ok()),
+            _ => None,
+        };
+        let file = match made {
+            Some(f) => f,
+            None => create_segment(dir, n)?,
+        };
+        self.prepare(n + 1);
+        Ok(file)
+    }
+
+    /// Has segment `n` created ahead.
+    fn prepare(&mut self, n: u64) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.jobs.send(FileJob::Create(n, tx)).is_ok() {
+            self.ahead = Some((n, rx));
+        }
+    }
+
+    fn delete(&self, doomed: Vec<(PathBuf, Option<File>)>) {
+        if let Err(std::sync::mpsc::SendError(FileJob::Delete(doomed))) =
+            self.jobs.send(FileJob::Delete(doomed))
+        {
+            for (path, file) in doomed {
+                delete_segment(&path);
+                drop(file);
+            }
+        }
+    }
+}
+
+fn delete_segment(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::debug!(target: "Store", "Store: deleted {} (no live message)", path.display())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(target: "Store", "Store: cannot delete {}: {e}", path.display())
+        }
+    }
 }
 
 /// One round after another: take what is buffered, write it, sync, release the confirms;
@@ -805,6 +901,8 @@ fn write_loop(shared: &Shared, first: u64) {
             tracing::error!(target: "Store", "Store: cannot open {}: {e}", segment_name(first));
         }
     }
+    let mut keeper = FileKeeper::start(shared.dir.clone());
+    keeper.prepare(first + 1);
     let mut reported = false;
     let mut ids = NextIds::default();
     let mut doomed: Vec<u64> = Vec::new();
@@ -834,7 +932,7 @@ fn write_loop(shared: &Shared, first: u64) {
                 std::mem::take(&mut p.waiters),
             )
         };
-        match write_round(shared, &mut files, &chunks) {
+        match write_round(shared, &mut files, &mut keeper, &chunks) {
             Ok(()) => {
                 if shared.failed.swap(false, Ordering::Relaxed) {
                     tracing::info!(target: "Store", notice = true, "Store: writing again; persistent publishes are accepted");
@@ -851,7 +949,7 @@ fn write_loop(shared: &Shared, first: u64) {
                 }
                 // Segments found empty last round go now that a full next-ids record (written
                 // in this round) keeps what their records said about ids.
-                delete_segments(shared, &mut files, std::mem::take(&mut doomed));
+                delete_segments(shared, &mut files, &keeper, std::mem::take(&mut doomed));
                 carry_dequeues_forward(shared, &mut carried);
                 doomed = reclaim(shared);
                 if !doomed.is_empty() {
@@ -886,18 +984,21 @@ fn write_loop(shared: &Shared, first: u64) {
 }
 
 /// Writes `chunks` and syncs every file written; on failure, truncates what was written of
-/// this round so the files end at a record boundary.
+/// this round so the files end at a record boundary. A segment is synced before the next
+/// one gets a record, so after a crash only the newest segment holding records can end in a
+/// torn one (the segments after it hold only their header).
 fn write_round(
     shared: &Shared,
     files: &mut BTreeMap<u64, (File, u64)>,
+    keeper: &mut FileKeeper,
     chunks: &[(u64, Vec<u8>)],
 ) -> Result<(), (PathBuf, std::io::Error)> {
     let mut touched = Vec::new();
     let mut result = Ok(());
-    for (seg, bytes) in chunks {
+    for (i, (seg, bytes)) in chunks.iter().enumerate() {
         let path = shared.dir.join(segment_name(*seg));
         if !files.contains_key(seg) {
-            match create_segment(&shared.dir, *seg) {
+            match keeper.segment(&shared.dir, *seg) {
                 Ok(f) => {
                     files.insert(*seg, (f, HEADER_LEN as u64));
                 }
@@ -909,20 +1010,17 @@ fn write_round(
             }
         }
         let (f, _) = files.get_mut(seg).expect("opened above");
-        if let Err(e) = f.write_all(bytes) {
-            result = Err((path, e));
-            touched.push(*seg);
-            break;
-        }
         touched.push(*seg);
-    }
-    if result.is_ok() {
-        for seg in &touched {
-            let (f, _) = files.get_mut(seg).expect("written above");
-            if let Err(e) = f.sync_data() {
-                result = Err((shared.dir.join(segment_name(*seg)), e));
-                break;
+        let last_of_segment = chunks.get(i + 1).is_none_or(|(next, _)| next != seg);
+        if let Err(e) = f.write_all(bytes).and_then(|_| {
+            if last_of_segment {
+                f.sync_data()
+            } else {
+                Ok(())
             }
+        }) {
+            result = Err((path, e));
+            break;
         }
     }
     match result {
@@ -1086,21 +1184,26 @@ fn carry_dequeues_forward(shared: &Shared, carried: &mut HashSet<u64>) {
     }
 }
 
-/// Deletes segments that `reclaim` found empty.
-fn delete_segments(shared: &Shared, files: &mut BTreeMap<u64, (File, u64)>, doomed: Vec<u64>) {
-    for seg in doomed {
-        files.remove(&seg);
-        let path = shared.dir.join(segment_name(seg));
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                tracing::debug!(target: "Store", "Store: deleted {} (no live message)", path.display())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(target: "Store", "Store: cannot delete {}: {e}", path.display())
-            }
-        }
+/// Hands the segments `reclaim` found empty to the file thread.
+fn delete_segments(
+    shared: &Shared,
+    files: &mut BTreeMap<u64, (File, u64)>,
+    keeper: &FileKeeper,
+    doomed: Vec<u64>,
+) {
+    if doomed.is_empty() {
+        return;
     }
+    let doomed = doomed
+        .into_iter()
+        .map(|seg| {
+            (
+                shared.dir.join(segment_name(seg)),
+                files.remove(&seg).map(|(f, _)| f),
+            )
+        })
+        .collect();
+    keeper.delete(doomed);
 }
 
 // ---- recovery -----------------------------------------------------------------------------
@@ -1164,7 +1267,7 @@ fn read_file(
             let d = journal::Damage {
                 file: path.to_path_buf(),
                 offset,
-                what: format!("{what} (not the newest file, so not a torn write)"),
+                what: format!("{what} (not the newest file holding records, so not a torn write)"),
             };
             if !skip_damaged {
                 return Err(format!(
@@ -1277,16 +1380,38 @@ fn read_messages(
     skip_damaged: bool,
     model: &ConfigModel,
 ) -> Result<(Recovered, u64), String> {
-    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+    let mut numbers: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir)
         .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| segment_number(&e.file_name().to_string_lossy()))
-        .collect();
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = segment_number(&name) {
+            numbers.push(n);
+        } else if name
+            .strip_suffix(TMP_SUFFIX)
+            .and_then(segment_number)
+            .is_some()
+        {
+            // A segment whose creation a crash interrupted: it never held a record.
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     numbers.sort_unstable();
+    // The segments at the end that hold only their header (the next one, created ahead of
+    // need): the writer syncs a segment before it writes to the next, so a torn record can
+    // be at the end of the newest segment before them too.
+    let mut torn_allowed_from = numbers.len().saturating_sub(1);
+    while torn_allowed_from > 0
+        && std::fs::metadata(dir.join(segment_name(numbers[torn_allowed_from])))
+            .is_ok_and(|m| m.len() == HEADER_LEN as u64)
+    {
+        torn_allowed_from -= 1;
+    }
     let keys: HashSet<u64> = model.queues.values().map(|(k, _)| *k).collect();
     let mut out = Recovered::default();
     let last = numbers.last().copied().unwrap_or(0);
-    for &n in &numbers {
+    for (i, &n) in numbers.iter().enumerate() {
         let path = dir.join(segment_name(n));
         let by_key = &mut out.by_key;
         let highest = &mut out.highest;
@@ -1300,7 +1425,7 @@ fn read_messages(
             journal::MESSAGE_MAGIC,
             max_record,
             skip_damaged,
-            n == last,
+            i >= torn_allowed_from,
             |r| {
                 let mut rd = Reader(r.payload);
                 match r.kind {
