@@ -174,8 +174,12 @@ impl Ready {
     fn insert_sorted(&mut self, e: QueuedMessage) {
         let l = self.level_of(&e.message);
         let level = &mut self.levels[l];
-        let at = level.partition_point(|x| x.id < e.id);
-        level.insert(at, e);
+        if level.back().is_none_or(|x| x.id < e.id) {
+            level.push_back(e); // the usual case: restored and replicated in id order
+        } else {
+            let at = level.partition_point(|x| x.id < e.id);
+            level.insert(at, e);
+        }
         self.len += 1;
     }
 

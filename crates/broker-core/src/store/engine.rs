@@ -1231,18 +1231,24 @@ fn write_config_snapshot(dir: &Path, snapshot: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", dir.join(CONFIG_FILE).display()))
 }
 
-/// Reads a whole journal file, checks its header and scans it; a torn tail is cut off (when
-/// `last`), damage is an error unless skipped.
+/// Reads a whole journal file into `buf` (reused from file to file: fresh pages for every
+/// segment cost more than reading it), checks its header and scans it; a torn tail is cut off
+/// (when `last`), damage is an error unless skipped.
 fn read_file(
     path: &Path,
+    buf: &mut Vec<u8>,
     magic: &[u8; 8],
     max_record: usize,
     skip_damaged: bool,
     last: bool,
     mut each: impl FnMut(journal::Record<'_>) -> Result<(), String>,
 ) -> Result<Option<u64>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let segment = match journal::check_header(path, &bytes, magic) {
+    buf.clear();
+    File::open(path)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, buf))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = &buf[..];
+    let segment = match journal::check_header(path, bytes, magic) {
         Ok(s) => s,
         Err(d) if skip_damaged && d.what.contains("shorter") => {
             tracing::warn!(target: "Store", "Store: skipping {d} (--store-skip-damaged)");
@@ -1250,7 +1256,7 @@ fn read_file(
         }
         Err(d) => return Err(format!("Store: cannot read {d}")),
     };
-    match journal::scan(path, &bytes, max_record, &mut each) {
+    match journal::scan(path, bytes, max_record, &mut each) {
         End::Clean => {}
         End::Torn { offset, what } if last => {
             tracing::warn!(target: "Store", "Store: dropped a torn record at the end of {} (offset {offset}: {what}); its publish was never confirmed",
@@ -1299,6 +1305,7 @@ fn read_config(dir: &Path, max_record: usize, skip_damaged: bool) -> Result<Conf
     }
     read_file(
         &path,
+        &mut Vec::new(),
         journal::CONFIG_MAGIC,
         max_record,
         skip_damaged,
@@ -1411,6 +1418,7 @@ fn read_messages(
     let keys: HashSet<u64> = model.queues.values().map(|(k, _)| *k).collect();
     let mut out = Recovered::default();
     let last = numbers.last().copied().unwrap_or(0);
+    let mut buf = Vec::new();
     for (i, &n) in numbers.iter().enumerate() {
         let path = dir.join(segment_name(n));
         let by_key = &mut out.by_key;
@@ -1422,6 +1430,7 @@ fn read_messages(
         };
         read_file(
             &path,
+            &mut buf,
             journal::MESSAGE_MAGIC,
             max_record,
             skip_damaged,
