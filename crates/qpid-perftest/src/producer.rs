@@ -1,19 +1,22 @@
 //! Raw producers. Each runs on its own OS thread with a current-thread tokio runtime (so a
 //! rate-limited producer can sleep precisely with `std::thread::sleep` without holding up
 //! anyone else), fills a reused buffer with copies of a [`PublishTemplate`] (only the stamp is
-//! patched per message) up to `--batch-bytes`, and writes it in one call. With confirms, a
-//! reader task on the same runtime applies basic.ack / basic.nack to a [`ConfirmTracker`] and
-//! the writer never has more than the window outstanding.
+//! patched per message) up to `--batch-bytes`, and writes it in one call. What the broker
+//! sends back is read on a second OS thread (`producer-<id>-confirms`, its own current-thread
+//! runtime over a clone of the same socket), so a confirm is timestamped when it arrives even
+//! while the producer sleeps until its next send. With confirms, that reader applies
+//! basic.ack / basic.nack to a [`ConfirmTracker`] and the writer never has more than the
+//! window outstanding.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, confirm};
-use anyhow::bail;
+use anyhow::{Context, bail};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::frames::{
@@ -145,10 +148,39 @@ async fn run(
         conn.frame_max,
         stamp,
     )?;
-    let RawConn {
-        reader, mut writer, ..
-    } = conn;
-    let reader_task = tokio::spawn(read_confirms(reader, confirms.clone(), shared.base));
+    // Built before the reader thread exists, so that no early return can leave it behind.
+    let close = encode_method(
+        0,
+        AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(
+            amq_protocol::protocol::connection::Close {
+                reply_code: 200,
+                reply_text: "bye".into(),
+                class_id: 0,
+                method_id: 0,
+            },
+        )),
+    )?;
+    // Split the socket in two handles on one file description: the writer stays on this
+    // thread's runtime, the reader gets its own thread and runtime (bytes already buffered
+    // by the handshake's FrameReader go with it).
+    let RawConn { reader, writer, .. } = conn;
+    let (read_half, reader) = reader.with_inner(());
+    let socket = read_half
+        .reunite(writer)
+        .context("reuniting the socket halves")?
+        .into_std()
+        .context("taking the socket out of the runtime")?;
+    let reader_socket = socket.try_clone().context("cloning the socket")?;
+    let shutdown_socket = socket.try_clone().context("cloning the socket")?;
+    let mut writer = TcpStream::from_std(socket).context("registering the socket")?;
+    let reader_task = std::thread::Builder::new()
+        .name(format!("producer-{}-confirms", plan.id))
+        .spawn({
+            let confirms = confirms.clone();
+            let base = shared.base;
+            move || read_confirms_thread(reader_socket, reader, confirms, base)
+        })
+        .context("spawning the confirm reader thread")?;
 
     let per_batch = (plan.batch_bytes / template.len()).max(1) as u64;
     let mut buf = Vec::with_capacity(per_batch as usize * template.len());
@@ -228,10 +260,6 @@ async fn run(
         }
         seq += n;
         shared.sent.fetch_add(n, Ordering::Relaxed);
-        if plan.rate > 0.0 {
-            // Let the confirm reader run between scheduled sends.
-            tokio::task::yield_now().await;
-        }
     }
     result.sent = seq;
 
@@ -248,20 +276,19 @@ async fn run(
         result.confirms = Some(c.tracker.lock().clone());
     }
     if failed.is_none() && !reader_task.is_finished() {
-        let close = encode_method(
-            0,
-            AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(
-                amq_protocol::protocol::connection::Close {
-                    reply_code: 200,
-                    reply_text: "bye".into(),
-                    class_id: 0,
-                    method_id: 0,
-                },
-            )),
-        )?;
         let _ = writer.write_all(&close).await;
     }
-    let reader_outcome = tokio::time::timeout(Duration::from_secs(2), reader_task).await;
+    // Wait up to 2 s for the reader (it returns on close-ok or an error); past that, shut the
+    // socket down so that it ends, and leave it if even that does not stop it soon.
+    let reader_outcome = match join_within(reader_task, Duration::from_secs(2)).await {
+        Ok(outcome) => Some(outcome),
+        Err(reader_task) => {
+            let _ = shutdown_socket.shutdown(std::net::Shutdown::Both);
+            let _ = join_within(reader_task, Duration::from_millis(500)).await;
+            None
+        }
+    };
+    drop(shutdown_socket);
     if let Some(c) = &confirms {
         result.confirms = Some(c.tracker.lock().clone());
     }
@@ -269,14 +296,49 @@ async fn run(
         return Err(e);
     }
     match reader_outcome {
-        Ok(Ok(Err(e))) => Err(e),
+        Some(Ok(Err(e))) => Err(e),
         _ => Ok(()),
     }
 }
 
+/// Joins `thread` if it finishes within `wait` (polled with short async sleeps, so the
+/// runtime is not blocked); else hands it back.
+async fn join_within<T>(
+    thread: std::thread::JoinHandle<T>,
+    wait: Duration,
+) -> Result<std::thread::Result<T>, std::thread::JoinHandle<T>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !thread.is_finished() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(thread);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(thread.join())
+}
+
+/// The confirm reader's thread: its own current-thread runtime, on which `socket` (a clone
+/// of the producer's) is registered and read by [`read_confirms`].
+fn read_confirms_thread(
+    socket: std::net::TcpStream,
+    reader: FrameReader<()>,
+    confirms: Option<Arc<Confirms>>,
+    base: std::time::Instant,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime for the confirm reader")?;
+    rt.block_on(async move {
+        let socket = TcpStream::from_std(socket).context("registering the reader's socket")?;
+        let (_, reader) = reader.with_inner(socket);
+        read_confirms(reader, confirms, base).await
+    })
+}
+
 /// Reads what the broker sends a producer: confirms, and errors.
 async fn read_confirms(
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<TcpStream>,
     confirms: Option<Arc<Confirms>>,
     base: std::time::Instant,
 ) -> anyhow::Result<()> {

@@ -71,6 +71,30 @@ pub struct FrameReader<R> {
     frame_max: u32,
 }
 
+impl<R> FrameReader<R> {
+    /// Swaps in another inner reader, keeping the bytes already buffered (and not yet taken
+    /// as frames); returns the old inner reader and the new frame reader.
+    pub fn with_inner<S>(self, r: S) -> (R, FrameReader<S>) {
+        let FrameReader {
+            r: old,
+            buf,
+            start,
+            end,
+            frame_max,
+        } = self;
+        (
+            old,
+            FrameReader {
+                r,
+                buf,
+                start,
+                end,
+                frame_max,
+            },
+        )
+    }
+}
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader over `r` that accepts frames of up to `frame_max` bytes.
     pub fn new(r: R, frame_max: u32) -> Self {
@@ -368,6 +392,31 @@ mod tests {
             (t.host.as_str(), t.port, t.vhost.as_str()),
             ("::1", 5672, "vh")
         );
+    }
+
+    #[tokio::test]
+    async fn with_inner_keeps_buffered_bytes() {
+        let (mut a, b) = tokio::io::duplex(4096);
+        let mut r = FrameReader::new(b, 4096);
+        let open_ok = AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}));
+        let one = encode_method(1, open_ok.clone()).unwrap();
+        let mut two = one.clone();
+        two.extend_from_slice(&one);
+        a.write_all(&two).await.unwrap();
+        assert_eq!(r.fill().await.unwrap(), two.len());
+        assert_eq!(
+            parse_method(r.next_frame().unwrap().unwrap().payload).unwrap(),
+            open_ok
+        );
+        // Park the reader without an inner, then give it one that has nothing to read.
+        let (_b, parked) = r.with_inner(());
+        let (_, mut r) = parked.with_inner(tokio::io::empty());
+        assert_eq!(
+            parse_method(r.next_frame().unwrap().unwrap().payload).unwrap(),
+            open_ok
+        );
+        assert!(r.next_frame().unwrap().is_none());
+        assert_eq!(r.fill().await.unwrap(), 0);
     }
 
     #[tokio::test]
