@@ -184,6 +184,8 @@ struct Figures {
     broker_us: Option<f64>,
     /// CPU of every other process on the machine during the window, in cores.
     other_cores: Option<f64>,
+    /// Bytes the whole machine wrote to its disks during the window, MB/s (10^6 bytes).
+    disk_mb_s: Option<f64>,
 }
 
 impl Figures {
@@ -200,20 +202,31 @@ impl Figures {
                 .zip(report.num("window_s"))
                 .filter(|(_, w)| *w > 0.0)
                 .map(|(o, w)| o / w),
+            disk_mb_s: report.num("disk.write_mb_s"),
         }
+    }
+
+    /// Disk bytes the machine wrote per message consumed (both brokers' journals, with a
+    /// replica on the same disk).
+    fn disk_bytes_per_msg(&self) -> Option<f64> {
+        self.disk_mb_s
+            .zip(self.consumed)
+            .filter(|(_, c)| *c > 0.0)
+            .map(|(d, c)| d * 1e6 / c)
     }
 
     fn text(&self) -> String {
         let f = |v: Option<f64>| v.map_or("-".into(), |v| group(v, 0));
         format!(
-            "consumed {} msg/s, published {} msg/s, confirm p50 {} µs p99 {} µs, end-to-end p99 {} µs, broker {} µs/msg, other processes {} cores",
+            "consumed {} msg/s, published {} msg/s, confirm p50 {} µs p99 {} µs, end-to-end p99 {} µs, broker {} µs/msg, other processes {} cores, disk writes {} MB/s",
             f(self.consumed),
             f(self.published),
             f(self.confirm_p50_us),
             f(self.confirm_p99_us),
             f(self.e2e_p99_us),
             self.broker_us.map_or("-".into(), |v| format!("{v:.1}")),
-            self.other_cores.map_or("-".into(), |v| format!("{v:.2}"))
+            self.other_cores.map_or("-".into(), |v| format!("{v:.2}")),
+            f(self.disk_mb_s)
         )
     }
 }
@@ -494,6 +507,13 @@ impl StoreEnv<'_> {
                 "",
                 None,
             );
+            let (od, td) = (rates(0, |f| f.disk_mb_s), rates(1, |f| f.disk_mb_s));
+            res.row(
+                "disk writes MB/s (whole machine), qpidd / RabbitMQ runs",
+                format!("{} / {}", fmt_stat(&od, 0), fmt_stat(&td, 0)),
+                "",
+                None,
+            );
         }
         if let Some(res) = latency {
             let figs = self.interleaved(
@@ -663,6 +683,26 @@ impl StoreEnv<'_> {
             "",
             None,
         );
+        res.row(
+            "disk writes MB/s (whole machine), ready replica / none",
+            format!(
+                "{} / {}",
+                fmt_stat(&get(0, |f| f.disk_mb_s), 0),
+                fmt_stat(&get(1, |f| f.disk_mb_s), 0)
+            ),
+            "",
+            None,
+        );
+        res.row(
+            "disk bytes written per message consumed, ready replica / none",
+            format!(
+                "{} / {}",
+                fmt_stat(&get(0, Figures::disk_bytes_per_msg), 0),
+                fmt_stat(&get(1, Figures::disk_bytes_per_msg), 0)
+            ),
+            "",
+            None,
+        );
         for (name, mut b) in [("original", original), ("replica", replica)] {
             if !b.alive() {
                 res.problems
@@ -825,6 +865,16 @@ impl StoreEnv<'_> {
                 "{} / {}",
                 fmt_stat(&get(0, |f| f.confirm_p99_us), 0),
                 fmt_stat(&get(1, |f| f.confirm_p99_us), 0)
+            ),
+            "",
+            None,
+        );
+        res.row(
+            "disk writes MB/s (whole machine), qpidd cluster / RabbitMQ quorum runs",
+            format!(
+                "{} / {}",
+                fmt_stat(&get(0, |f| f.disk_mb_s), 0),
+                fmt_stat(&get(1, |f| f.disk_mb_s), 0)
             ),
             "",
             None,
@@ -1263,6 +1313,24 @@ impl RabbitCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn figures_read_disk_writes() {
+        let with = Json::parse(
+            r#"{"window_s": 4.0, "cpu": {"other_s": 0.4}, "disk": {"written_bytes": 1660000000, "write_mb_s": 415.0}}"#,
+        )
+        .unwrap();
+        let f = Figures::of(&with);
+        assert_eq!(f.disk_mb_s, Some(415.0));
+        assert_eq!(f.other_cores, Some(0.1));
+        assert!(f.text().ends_with("disk writes 415 MB/s"), "{}", f.text());
+        let without = Json::parse(
+            r#"{"window_s": 4.0, "disk": {"written_bytes": null, "write_mb_s": null}}"#,
+        )
+        .unwrap();
+        assert_eq!(Figures::of(&without).disk_mb_s, None);
+        assert!(Figures::of(&without).text().ends_with("disk writes - MB/s"));
+    }
 
     #[test]
     fn only_selects_store_keys() {

@@ -132,6 +132,9 @@ pub struct Report {
     pub broker_cpu_s: Option<f64>,
     /// CPU seconds used by everything else on the machine in the window.
     pub other_cpu_s: f64,
+    /// Bytes written to the machine's whole disks in the window (every process, not only the
+    /// broker); `None` when not measured.
+    pub disk_written_bytes: Option<u64>,
     /// Broker resident memory before and after, KiB.
     pub broker_rss_kib: Option<(u64, u64)>,
     /// Errors reported by producers and consumers.
@@ -167,6 +170,13 @@ impl Report {
     pub fn broker_us_per_msg(&self) -> Option<f64> {
         self.broker_cpu_s
             .and_then(|s| per_msg(s, self.messages_for_cpu()))
+    }
+
+    /// Disk writes of the whole machine over the CPU window, MB/s (10^6 bytes).
+    pub fn disk_write_mb_s(&self) -> Option<f64> {
+        self.disk_written_bytes
+            .filter(|_| self.window_s > 0.0)
+            .map(|b| b as f64 / 1e6 / self.window_s)
     }
 
     /// True when nothing makes the figures untrustworthy.
@@ -216,6 +226,10 @@ impl Report {
                 "other_s": self.other_cpu_s,
                 "tool_us_per_msg": self.tool_us_per_msg(),
                 "broker_us_per_msg": self.broker_us_per_msg(),
+            },
+            "disk": {
+                "written_bytes": self.disk_written_bytes,
+                "write_mb_s": self.disk_write_mb_s(),
             },
             "broker_rss_kib": self.broker_rss_kib.map(|(s, e)| json!({"start": s, "end": e})),
             "errors": self.errors,
@@ -277,6 +291,11 @@ impl Report {
             } else {
                 0.0
             }
+        );
+        s += &format!(
+            "disk writes: {} (whole machine)\n",
+            self.disk_write_mb_s()
+                .map_or("-".to_string(), |v| format!("{v:.0} MB/s"))
         );
         if let Some((start, end)) = self.broker_rss_kib {
             s += &format!("broker RSS: {start} KiB before, {end} KiB after\n");

@@ -314,6 +314,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         - tool_cpu_s
         - broker_cpu_s.unwrap_or(0.0))
     .max(0.0);
+    let disk_written_bytes = cpu_to
+        .cpu
+        .disk_written
+        .zip(cpu_from.cpu.disk_written)
+        .map(|(to, from)| to.saturating_sub(from));
 
     let backlog = Backlog::from_samples(&samples);
     let mut problems = Vec::new();
@@ -374,6 +379,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         tool_cpu_s,
         broker_cpu_s,
         other_cpu_s,
+        disk_written_bytes,
         broker_rss_kib: rss_start.zip(rss_end),
         errors,
     })
