@@ -248,6 +248,50 @@ fn median(v: &[f64]) -> Option<f64> {
     stat(v).map(|s| s.median)
 }
 
+/// How long a run waits at most for the disk to be quiet before it starts.
+const SETTLE_LIMIT: Duration = Duration::from_secs(15);
+/// Quiet: the whole machine wrote less than this in the last `SETTLE_WINDOW`.
+const SETTLE_BYTES: u64 = 1_000_000;
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Bytes written to whole disks since boot (`/proc/diskstats` field 10 × 512, for the devices
+/// listed in `/sys/block`, so partitions are not counted twice).
+fn disk_written_bytes() -> Option<u64> {
+    let disks: Vec<String> = fs::read_dir("/sys/block")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let text = fs::read_to_string("/proc/diskstats").ok()?;
+    let sectors = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.get(2)?;
+            disks
+                .iter()
+                .any(|d| d == name)
+                .then(|| f.get(9)?.parse::<u64>().ok())?
+        })
+        .sum::<u64>();
+    Some(sectors * 512)
+}
+
+/// Waits until the machine writes less than `SETTLE_BYTES` per `SETTLE_WINDOW`, at most
+/// `limit`; how long it waited (`None`: no `/proc/diskstats`, or still busy at the limit).
+fn settle_disk(limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut before = disk_written_bytes()?;
+    while start.elapsed() < limit {
+        std::thread::sleep(SETTLE_WINDOW);
+        let now = disk_written_bytes()?;
+        if now.saturating_sub(before) < SETTLE_BYTES {
+            return Some(start.elapsed());
+        }
+        before = now;
+    }
+    None
+}
+
 /// Total size of the regular files under `dir` (recursively), and how many there are.
 fn dir_size(dir: &Path) -> (u64, usize) {
     let mut total = (0, 0);
@@ -392,6 +436,9 @@ impl StoreEnv<'_> {
             for i in order {
                 let (label, broker, queue) = targets[i];
                 let args = self.load_args(broker, queue, rate);
+                // The previous run's writes (the other broker's flushes and file deletions
+                // too) must not land in this one: start on a quiet disk.
+                let settled = settle_disk(SETTLE_LIMIT);
                 let (report, mut problems) = self.perftest(
                     &format!("{key}-{}-{run}", label.replace(' ', "-")),
                     &args,
@@ -402,8 +449,18 @@ impl StoreEnv<'_> {
                 }
                 let f = Figures::of(&report);
                 println!(
-                    "    run {run} {label:<16} {}{}",
+                    "    run {run} {label:<16} {}{}{}",
                     f.text(),
+                    match settled {
+                        Some(d) if d > Duration::from_secs(1) => {
+                            format!(
+                                " (started after {:.1} s of waiting for a quiet disk)",
+                                d.as_secs_f64()
+                            )
+                        }
+                        Some(_) => String::new(),
+                        None => " (the disk was still busy when it started)".into(),
+                    },
                     if problems.is_empty() {
                         String::new()
                     } else {
@@ -422,6 +479,10 @@ impl StoreEnv<'_> {
                 records.push(Json::Obj(vec![
                     ("target".into(), Json::Str(label.into())),
                     ("run".into(), Json::Num(run as f64)),
+                    (
+                        "disk_settle_s".into(),
+                        settled.map_or(Json::Null, |d| Json::Num(d.as_secs_f64())),
+                    ),
                     ("command".into(), Json::Str(args.join(" "))),
                     (
                         "problems".into(),
