@@ -677,9 +677,28 @@ struct QueueJournalState {
     max_id: Option<u64>,
     bounds: VecDeque<(u64, u64)>,
     out_of_order: HashMap<u64, u64>,
+    /// `bounds` is pruned when it reaches this length.
+    prune_at: usize,
 }
 
+/// The shortest `bounds` that is pruned.
+const BOUNDS_PRUNE_MIN: usize = 64;
+
 impl QueueJournalState {
+    /// Drops the bounds of segments that no longer exist (every persistent message in a
+    /// deleted segment was dequeued, so none of their ids is looked up again), keeping the
+    /// newest. Done when the list has doubled since the last time, so it costs O(1) a message
+    /// and the list stays within twice the segments on disk (a queue whose oldest message
+    /// nobody consumes would otherwise keep an entry for every segment written since).
+    fn prune_if_due(&mut self, exists: impl Fn(u64) -> bool) {
+        if self.bounds.len() < self.prune_at.max(BOUNDS_PRUNE_MIN) {
+            return;
+        }
+        let newest = self.bounds.back().copied();
+        self.bounds.retain(|b| exists(b.1) || Some(*b) == newest);
+        self.prune_at = 2 * self.bounds.len();
+    }
+
     fn note(&mut self, id: u64, segment: u64) {
         if self.max_id.is_none_or(|m| id > m) {
             self.max_id = Some(id);
@@ -737,7 +756,13 @@ impl QueueObserver for QueueJournal {
                 p.holds.push(c.hold());
             }
         });
-        self.state.lock().note(entry.id, seg);
+        let mut st = self.state.lock();
+        st.note(entry.id, seg);
+        // Lock order: this queue's journal state, then the store's pending records.
+        if st.bounds.len() >= st.prune_at.max(BOUNDS_PRUNE_MIN) {
+            let p = shared.pending.lock();
+            st.prune_if_due(|seg| p.live.contains_key(&seg));
+        }
     }
 
     fn dequeued(&self, _queue: &Queue, entry: &QueuedMessage, reason: DequeueReason) {
@@ -1520,5 +1545,34 @@ mod tests {
         assert_eq!(s.segment_of(10), Some(7));
         assert_eq!(s.segment_of(4), Some(8));
         assert_eq!(s.segment_of(4), Some(6), "remembered once");
+    }
+
+    #[test]
+    fn bounds_of_deleted_segments_are_pruned_and_live_ids_still_found() {
+        let mut s = QueueJournalState::default();
+        // Id 0 stays queued in segment 0; ids 1..=200 go to segments 1..=200, one each.
+        for seg in 0..=200u64 {
+            s.note(seg, seg);
+        }
+        s.note(300, 500); // the newest segment
+        assert_eq!(s.bounds.len(), 202);
+        // Segments 1..=150 were deleted: all their messages are gone.
+        let exists = |seg: u64| seg == 0 || seg > 150;
+        s.prune_if_due(exists);
+        assert_eq!(s.bounds.len(), 202 - 150);
+        assert_eq!(s.segment_of(0), Some(0), "the message pinning segment 0");
+        assert_eq!(s.segment_of(151), Some(151));
+        assert_eq!(s.segment_of(200), Some(200));
+        assert_eq!(s.segment_of(300), Some(500));
+        // Not again until the list has doubled.
+        s.prune_if_due(|_| false);
+        assert_eq!(s.bounds.len(), 52);
+        // The newest bound is always kept.
+        for id in 301..400u64 {
+            s.note(id, 500 + id);
+        }
+        s.prune_if_due(|_| false);
+        assert_eq!(s.bounds.back(), Some(&(399, 899)));
+        assert_eq!(s.bounds.len(), 1);
     }
 }
