@@ -149,9 +149,26 @@ struct Pending {
     dependents: HashMap<u64, BTreeSet<u64>>,
     /// Per segment, how many older segments still exist that its dequeue records refer to.
     needed_by: HashMap<u64, u64>,
+    /// Buffers of written rounds, emptied, for the next rounds: a fresh buffer per round
+    /// costs its growth (copies) and page faults at every round.
+    spare: Vec<Vec<u8>>,
 }
 
+/// How many emptied round buffers are kept, and the largest kept.
+const SPARE_BUFFERS: usize = 4;
+const SPARE_BUFFER_MAX: usize = 8 << 20;
+
 impl Pending {
+    /// Keeps the written round's buffers (a few, not too large) for the next rounds.
+    fn recycle(&mut self, chunks: Vec<(u64, Vec<u8>)>) {
+        for (_, mut b) in chunks {
+            if self.spare.len() < SPARE_BUFFERS && b.capacity() <= SPARE_BUFFER_MAX {
+                b.clear();
+                self.spare.push(b);
+            }
+        }
+    }
+
     /// A dequeue record in segment `at` for an enqueue in segment `of`.
     fn depends(&mut self, of: u64, at: u64) {
         if of < at && self.dependents.entry(of).or_default().insert(at) {
@@ -170,8 +187,14 @@ impl Pending {
         self.segment_len += len as u64;
         let seg = self.segment;
         if self.chunks.last().is_none_or(|(s, _)| *s != seg) {
-            self.chunks
-                .push((seg, Vec::with_capacity(len.max(64 * 1024))));
+            let buf = match self.spare.pop() {
+                Some(mut b) => {
+                    b.reserve(len);
+                    b
+                }
+                None => Vec::with_capacity(len.max(64 * 1024)),
+            };
+            self.chunks.push((seg, buf));
         }
         let chunk = &mut self.chunks.last_mut().expect("just pushed").1;
         (seg, chunk)
@@ -967,6 +990,7 @@ fn write_loop(shared: &Shared, first: u64) {
                 let round_waiters = {
                     let mut p = shared.pending.lock();
                     p.in_flight = false;
+                    p.recycle(chunks);
                     std::mem::take(&mut p.round_waiters)
                 };
                 for w in waiters.into_iter().chain(round_waiters) {
