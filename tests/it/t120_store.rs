@@ -253,6 +253,13 @@ async fn take_all(ch: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
     out
 }
 
+/// Connects to `broker` and takes (and acks) every message of `queue`: their bodies.
+async fn drain_bodies(broker: &TestBroker, queue: &str) -> Vec<String> {
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    bodies_of(&take_all(&ch, queue).await)
+}
+
 fn bodies_of(deliveries: &[lapin::message::Delivery]) -> Vec<String> {
     deliveries
         .iter()
@@ -867,10 +874,8 @@ async fn acked_messages_never_come_back_after_a_clean_restart() {
     drop(watcher);
 
     let broker = broker_on(dir.path(), &[]);
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
     assert_eq!(
-        bodies_of(&take_all(&ch, "st.acked").await),
+        drain_bodies(&broker, "st.acked").await,
         (60..100).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
 }
@@ -1233,10 +1238,8 @@ async fn a_torn_partial_record_at_the_tail_is_dropped_with_a_warning() {
         "{} must be removed at the start",
         half_created.display()
     );
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
     assert_eq!(
-        bodies_of(&take_all(&ch, "st.torn").await),
+        drain_bodies(&broker, "st.torn").await,
         (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
 }
@@ -1282,10 +1285,8 @@ async fn a_last_record_with_a_bad_crc_is_dropped_and_earlier_ones_kept() {
         Some(last.offset as u64),
         "the record with the bad CRC must be truncated away"
     );
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
     assert_eq!(
-        bodies_of(&take_all(&ch, "st.torn").await),
+        drain_bodies(&broker, "st.torn").await,
         (0..19).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
 }
@@ -1445,12 +1446,7 @@ async fn a_newer_format_version_refuses_the_start() {
         write(path, &original);
     }
     let broker = broker_on(dir.path(), &[]);
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
-    assert_eq!(
-        bodies_of(&take_all(&ch, "st.torn").await),
-        ["m0", "m1", "m2"]
-    );
+    assert_eq!(drain_bodies(&broker, "st.torn").await, ["m0", "m1", "m2"]);
 }
 
 // ---- 8. space -----------------------------------------------------------------------------
@@ -1745,9 +1741,7 @@ async fn a_redeclared_queue_never_gets_the_deleted_queues_messages() {
     drop(conn);
 
     let broker = broker_on(dir.path(), &[]);
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
-    assert_eq!(bodies_of(&take_all(&ch, "st.again").await), ["new"]);
+    assert_eq!(drain_bodies(&broker, "st.again").await, ["new"]);
 }
 
 /// A transaction's commit-ok means its persistent messages are on disk: they survive a kill -9
@@ -1809,10 +1803,8 @@ async fn committed_transactions_survive_a_kill() {
     drop(conn);
 
     let broker = broker_on(dir.path(), &[]);
-    let conn = broker.connect().await;
-    let ch = channel(&conn).await;
     assert_eq!(
-        bodies_of(&take_all(&ch, "st.tx").await),
+        drain_bodies(&broker, "st.tx").await,
         ["c0", "c1", "c2", "c3", "c4"]
     );
 }
