@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use integration_tests::confirming;
 use integration_tests::ready_cluster;
 use integration_tests::{
     TestBroker, amqp_code, channel, declare, eventually, expect_code, get, message_count,
@@ -74,12 +75,6 @@ async fn wait_exists(conn: &lapin::Connection, queue: &str, exists: bool) {
     })
     .await;
     assert!(ok, "'{queue}' exists should be {exists}");
-}
-
-async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch
 }
 
 /// Publishes and returns whether the broker acked (true) or nacked (false).

@@ -15,6 +15,7 @@ use integration_tests::{
     TestBroker, channel, declare, eventually, get, message_count, qpid_config_path, queue_exists,
     table, within,
 };
+use integration_tests::{confirming, publish};
 use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicRejectOptions,
@@ -142,29 +143,11 @@ pub(crate) async fn wait_log(b: &TestBroker, text: &str) {
     assert!(ok, "log of {} lacks {text:?}:\n{}", addr(b), b.log());
 }
 
-async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch
-}
-
 /// Publishes on a confirming channel and returns whether the broker acked.
 async fn publish_to(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) -> bool {
-    let confirm = within(
-        "basic.publish",
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("publish");
-    within("the confirm", confirm)
+    publish(ch, exchange, key, body, BasicProperties::default())
         .await
-        .expect("confirm")
+        .expect("publish")
         .is_ack()
 }
 

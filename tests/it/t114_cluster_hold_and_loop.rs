@@ -13,6 +13,7 @@ use integration_tests::{
     TempDir, TestBroker, addr, admin, channel, declare, eventually, free_port, get, loopback_url,
     member, promote, qpid_ha, ready_cluster, status, wait_status, within, within_for,
 };
+use integration_tests::{confirming, publish};
 use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicRejectOptions,
@@ -41,31 +42,11 @@ fn expected_line(b: &TestBroker) -> String {
         .join("\n")
 }
 
-async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
-    let ch = channel(conn).await;
-    within("confirm.select", ch.confirm_select(Default::default()))
-        .await
-        .unwrap();
-    ch
-}
-
 /// Publishes on a confirming channel and returns whether the broker acked.
 async fn publish_to(ch: &lapin::Channel, queue: &str, body: &[u8]) -> bool {
-    let confirm = within(
-        "basic.publish",
-        ch.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("publish");
-    within("the confirm", confirm)
+    publish(ch, "", queue, body, BasicProperties::default())
         .await
-        .expect("confirm")
+        .expect("publish")
         .is_ack()
 }
 
@@ -486,20 +467,26 @@ async fn ten_failovers_with_two_publishers_and_two_consumers_lose_nothing_confir
         consumers.push(tokio::spawn(numbered_consumer(ports.clone(), q, s.clone())));
     }
     let confirmed = |s: &Arc<Mutex<Numbered>>| s.lock().unwrap().confirmed.map_or(0, |c| c + 1);
-    let mut primary = 0;
-    for round in 0..FAILOVERS {
-        let next = (primary + 1) % 3;
-        let other = (primary + 2) % 3;
-        // Let traffic flow on this primary.
+    // Every publisher has had `PER_ROUND` more publishes confirmed than when it was called.
+    let progress = || async {
         let from: Vec<u32> = states.iter().map(confirmed).collect();
-        let ok = eventually(FOLLOW, || async {
+        eventually(FOLLOW, || async {
             states
                 .iter()
                 .zip(&from)
                 .all(|(s, f)| confirmed(s) >= f + PER_ROUND)
         })
-        .await;
-        assert!(ok, "round {round}: no progress on the primary");
+        .await
+    };
+    let mut primary = 0;
+    for round in 0..FAILOVERS {
+        let next = (primary + 1) % 3;
+        let other = (primary + 2) % 3;
+        // Let traffic flow on this primary.
+        assert!(
+            progress().await,
+            "round {round}: no progress on the primary"
+        );
         wait_status(&brokers[next], "ready").await;
         wait_status(&brokers[other], "ready").await;
         for q in QUEUES {
@@ -520,15 +507,7 @@ async fn ten_failovers_with_two_publishers_and_two_consumers_lose_nothing_confir
         primary = next;
     }
     // Some traffic on the last primary, then the publishers stop.
-    let from: Vec<u32> = states.iter().map(confirmed).collect();
-    let ok = eventually(FOLLOW, || async {
-        states
-            .iter()
-            .zip(&from)
-            .all(|(s, f)| confirmed(s) >= f + PER_ROUND)
-    })
-    .await;
-    assert!(ok, "no progress on the last primary");
+    assert!(progress().await, "no progress on the last primary");
     for s in &states {
         s.lock().unwrap().stop_publishing = true;
     }

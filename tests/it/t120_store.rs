@@ -16,6 +16,7 @@ use integration_tests::{
     REPLY_DEADLINE, TempDir, TestBroker, amqp_code, channel, eventually, expect_code, get,
     message_count, queue_exists, run_qpidd, table, try_declare, wait_until, within, within_for,
 };
+use integration_tests::{confirming, declare_durable, persistent, publish};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -81,14 +82,6 @@ fn refused_start(dir: &Path, extra: &[&str]) -> (Option<i32>, String) {
 
 // ---- clients ------------------------------------------------------------------------------
 
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
-    within("confirm.select", ch.confirm_select(Default::default()))
-        .await
-        .expect("confirm.select");
-    ch
-}
-
 fn long(v: i64) -> AMQPValue {
     AMQPValue::LongLongInt(v)
 }
@@ -102,13 +95,6 @@ fn durable() -> QueueDeclareOptions {
         durable: true,
         ..Default::default()
     }
-}
-
-/// Declares a durable queue with `args`, panicking on failure.
-async fn declare_durable(ch: &Channel, name: &str, args: FieldTable) {
-    try_declare(ch, name, durable(), args)
-        .await
-        .unwrap_or_else(|e| panic!("declare durable queue {name:?}: {e:?}"));
 }
 
 /// Declares an exchange, panicking on failure.
@@ -234,10 +220,6 @@ async fn publish_pipelined(ch: &Channel, messages: Vec<(String, Vec<u8>, BasicPr
             "the broker must ack every publish: {answer:?}"
         );
     }
-}
-
-fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
 }
 
 fn transient() -> BasicProperties {
@@ -1757,35 +1739,17 @@ async fn committed_transactions_survive_a_kill() {
         .await
         .expect("tx.select");
     for i in 0..5 {
-        within(
-            "basic.publish",
-            ch.basic_publish(
-                "".into(),
-                "st.tx".into(),
-                BasicPublishOptions::default(),
-                format!("c{i}").as_bytes(),
-                persistent(),
-            ),
-        )
-        .await
-        .expect("publish");
+        publish(&ch, "", "st.tx", format!("c{i}").as_bytes(), persistent())
+            .await
+            .expect("publish");
     }
     within("tx.commit", ch.tx_commit())
         .await
         .expect("tx.commit");
     for i in 0..3 {
-        within(
-            "basic.publish",
-            ch.basic_publish(
-                "".into(),
-                "st.tx".into(),
-                BasicPublishOptions::default(),
-                format!("u{i}").as_bytes(),
-                persistent(),
-            ),
-        )
-        .await
-        .expect("publish");
+        publish(&ch, "", "st.tx", format!("u{i}").as_bytes(), persistent())
+            .await
+            .expect("publish");
     }
     // A round trip: the uncommitted publishes have reached the broker.
     try_declare(

@@ -16,13 +16,13 @@ use integration_tests::{
     TempDir, TestBroker, assert_serves_fresh_client, channel, eventually, get, message_count,
     publish, within,
 };
+use integration_tests::{confirming, declare_durable, persistent};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
+use lapin::{BasicProperties, PublisherConfirm};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -45,35 +45,25 @@ impl SplitMix {
     }
 }
 
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
+/// A consumer of the crash queue (manual acks) after basic.qos `prefetch`.
+async fn consume_with_prefetch(ch: &lapin::Channel, prefetch: u16) -> lapin::Consumer {
     within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
+        "basic.qos",
+        ch.basic_qos(prefetch, BasicQosOptions::default()),
     )
     .await
-    .expect("confirm.select");
-    ch
-}
-
-async fn declare_durable(ch: &Channel, name: &str) {
+    .expect("basic.qos");
     within(
-        "queue.declare",
-        ch.queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
+        "basic.consume",
+        ch.basic_consume(
+            CRASH_QUEUE.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         ),
     )
     .await
-    .unwrap_or_else(|e| panic!("declare durable queue {name:?}: {e:?}"));
-}
-
-fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
+    .expect("basic.consume")
 }
 
 /// A broker with a store on `dir` and `extra` arguments.
@@ -160,28 +150,12 @@ async fn crash_round(dir: &Path, rng: &mut SplitMix, record: &mut SeedRecord, fi
             .unwrap_or_else(|e| panic!("the durable queue is gone after a kill -9: {e:?}"));
     }
     let pch = confirming(&pub_conn).await;
-    declare_durable(&pch, CRASH_QUEUE).await;
+    declare_durable(&pch, CRASH_QUEUE, FieldTable::default()).await;
 
     // The consumer: its own connection, manual acks, a prefetch window.
     let cons_conn = broker.connect().await;
     let cch = channel(&cons_conn).await;
-    within(
-        "basic.qos",
-        cch.basic_qos(CONSUMER_PREFETCH, BasicQosOptions::default()),
-    )
-    .await
-    .expect("basic.qos");
-    let mut consumer = within(
-        "basic.consume",
-        cch.basic_consume(
-            CRASH_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("basic.consume");
+    let mut consumer = consume_with_prefetch(&cch, CONSUMER_PREFETCH).await;
     // (number or None for a bad body, body, redelivered), recorded after the ack was sent.
     type Acked = Vec<(Option<u64>, Vec<u8>, bool)>;
     let acked: Arc<Mutex<Acked>> = Arc::default();
@@ -396,20 +370,7 @@ async fn drain_at_end(dir: &Path, record: &mut SeedRecord) {
         .unwrap_or_else(|e| panic!("the durable queue is gone after the last kill: {e:?}"));
     let left = message_count(&conn, CRASH_QUEUE).await.unwrap();
     let ch = channel(&conn).await;
-    within("basic.qos", ch.basic_qos(1000, BasicQosOptions::default()))
-        .await
-        .expect("basic.qos");
-    let mut consumer = within(
-        "basic.consume",
-        ch.basic_consume(
-            CRASH_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("basic.consume");
+    let mut consumer = consume_with_prefetch(&ch, 1000).await;
     // Nothing publishes now, so exactly `left` deliveries come.
     for _ in 0..left {
         let d = within("a delivery of the final drain", consumer.next())
@@ -657,7 +618,7 @@ async fn a_full_disk_nacks_persistent_publishes_and_recovers() {
     let mut broker = store_broker(&data, &args);
     let conn = broker.connect().await;
     let ch = confirming(&conn).await;
-    declare_durable(&ch, "full-q").await;
+    declare_durable(&ch, "full-q", FieldTable::default()).await;
     within(
         "queue.declare",
         ch.queue_declare(

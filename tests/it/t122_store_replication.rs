@@ -10,63 +10,39 @@ use integration_tests::{
     TempDir, TestBroker, addr, admin, channel, eventually, free_port, loopback_url, message_count,
     promote, qpid_ha, status, wait_status, within,
 };
-use lapin::BasicProperties;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use integration_tests::{confirming, declare_durable, persistent, publish};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 
 const FOLLOW: Duration = Duration::from_secs(15);
 
-fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
-}
-
-async fn durable(ch: &lapin::Channel, name: &str) {
+/// Declares a durable direct exchange.
+async fn durable_direct_exchange(ch: &lapin::Channel, name: &str) {
+    let options = lapin::options::ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     within(
-        "queue.declare",
-        ch.queue_declare(
+        "exchange.declare",
+        ch.exchange_declare(
             name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
+            lapin::ExchangeKind::Direct,
+            options,
             FieldTable::default(),
         ),
     )
     .await
-    .unwrap_or_else(|e| panic!("declare {name}: {e:?}"));
-}
-
-async fn confirming(conn: &lapin::Connection) -> lapin::Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    ch
+    .unwrap_or_else(|e| panic!("declare exchange {name:?}: {e:?}"));
 }
 
 /// Publishes `m<from>..m<to>` persistent, each confirmed with an ack.
 async fn publish_range(ch: &lapin::Channel, queue: &str, range: std::ops::Range<u32>) {
     for i in range {
-        let confirm = within(
-            "basic.publish",
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                format!("m{i}").as_bytes(),
-                persistent(),
-            ),
-        )
-        .await
-        .unwrap();
-        assert!(
-            within("confirm", confirm).await.unwrap().is_ack(),
-            "m{i} nacked"
-        );
+        let answer = publish(ch, "", queue, format!("m{i}").as_bytes(), persistent())
+            .await
+            .unwrap();
+        assert!(answer.is_ack(), "m{i} nacked");
     }
 }
 
@@ -146,8 +122,13 @@ async fn a_restarted_replica_broker_resumes_replicating_with_what_it_stored() {
     let mut replica = ha_broker(&rd, rp);
     let oc = original.connect().await;
     let och = confirming(&oc).await;
-    durable(&och, "rq").await;
-    durable(&channel(&replica.connect().await).await, "rq").await;
+    declare_durable(&och, "rq", FieldTable::default()).await;
+    declare_durable(
+        &channel(&replica.connect().await).await,
+        "rq",
+        FieldTable::default(),
+    )
+    .await;
     let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "rq"]);
     assert_eq!(r.code, 0, "{r:?}");
     publish_range(&och, "rq", 0..20).await;
@@ -252,7 +233,7 @@ async fn a_restarted_backup_keeps_its_stored_copy_and_catches_up_the_rest() {
     wait_status(&backup, "ready").await;
     let pc = primary.connect().await;
     let pch = confirming(&pc).await;
-    durable(&pch, "bq").await;
+    declare_durable(&pch, "bq", FieldTable::default()).await;
     publish_range(&pch, "bq", 0..30).await;
     wait_count(&admin(&backup).await, "bq", 30).await;
     backup.signal("KILL");
@@ -293,18 +274,8 @@ async fn a_one_member_cluster_recovers_from_its_store_and_a_new_backup_copies_it
     {
         let c = first.connect().await;
         let ch = confirming(&c).await;
-        durable(&ch, "qq").await;
-        ch.exchange_declare(
-            "exx".into(),
-            lapin::ExchangeKind::Direct,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_durable(&ch, "qq", FieldTable::default()).await;
+        durable_direct_exchange(&ch, "exx").await;
         ch.queue_bind(
             "qq".into(),
             "exx".into(),
@@ -408,7 +379,7 @@ async fn after_a_total_failure_a_member_with_an_older_epoch_is_not_promoted_with
     {
         let c = a.connect().await;
         let ch = confirming(&c).await;
-        durable(&ch, "late").await;
+        declare_durable(&ch, "late", FieldTable::default()).await;
         publish_range(&ch, "late", 0..5).await;
     }
     a.signal("KILL");
@@ -463,7 +434,7 @@ async fn qpid_ha_query_shows_the_store_epoch_and_each_durable_queues_ids() {
     {
         let c = b.connect().await;
         let ch = confirming(&c).await;
-        durable(&ch, "sq").await;
+        declare_durable(&ch, "sq", FieldTable::default()).await;
         publish_range(&ch, "sq", 0..3).await;
     }
     let row = |b: &TestBroker| {
@@ -567,19 +538,9 @@ async fn a_backup_restarted_from_a_stale_store_mirrors_the_primary_exactly() {
     {
         let c = primary.connect().await;
         let ch = confirming(&c).await;
-        durable(&ch, "q1").await;
-        durable(&ch, "q2").await;
-        ch.exchange_declare(
-            "ex".into(),
-            lapin::ExchangeKind::Direct,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_durable(&ch, "q1", FieldTable::default()).await;
+        declare_durable(&ch, "q2", FieldTable::default()).await;
+        durable_direct_exchange(&ch, "ex").await;
         bind_direct(&ch, "q2", "ex", "k2", true).await;
         publish_range(&ch, "q1", 0..3).await;
         assert!(routed(&ch, "ex", "k2", "b0").await);
@@ -664,8 +625,13 @@ async fn a_replica_acknowledges_a_persistent_message_only_after_its_own_fsync() 
         .start();
     let oc = original.connect().await;
     let och = confirming(&oc).await;
-    durable(&och, "fq").await;
-    durable(&channel(&replica.connect().await).await, "fq").await;
+    declare_durable(&och, "fq", FieldTable::default()).await;
+    declare_durable(
+        &channel(&replica.connect().await).await,
+        "fq",
+        FieldTable::default(),
+    )
+    .await;
     let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "fq"]);
     assert_eq!(r.code, 0, "{r:?}");
     wait_replica_ready(&replica, "fq").await;

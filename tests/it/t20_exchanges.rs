@@ -3,6 +3,7 @@
 //! reserved `amq.` prefix, internal exchanges, and publishing to a missing exchange.
 
 use amq_protocol::types::AMQPValue;
+use integration_tests::confirming;
 use integration_tests::{TestBroker, channel, declare, drain, expect_code, publish, table, within};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions};
 use lapin::types::FieldTable;
@@ -71,19 +72,11 @@ async fn bodies(ch: &Channel, queue: &str) -> Vec<String> {
         .collect()
 }
 
-async fn confirming_channel(conn: &lapin::Connection) -> Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirm.select");
-    ch
-}
-
 #[tokio::test]
 async fn direct_exchange_routes_by_exact_key() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare_exchange(&ch, "dx", ExchangeKind::Direct).await;
     declare(&ch, "dq1", FieldTable::default()).await;
     declare(&ch, "dq2", FieldTable::default()).await;
@@ -100,7 +93,7 @@ async fn direct_exchange_routes_by_exact_key() {
 async fn default_exchange_routes_by_queue_name() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare(&ch, "by-name", FieldTable::default()).await;
     put(&ch, "", "by-name", "x").await;
     put(&ch, "", "no-such-queue", "y").await;
@@ -111,7 +104,7 @@ async fn default_exchange_routes_by_queue_name() {
 async fn fanout_exchange_copies_to_every_bound_queue_ignoring_the_key() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare_exchange(&ch, "fx", ExchangeKind::Fanout).await;
     for q in ["fq1", "fq2", "fq3"] {
         declare(&ch, q, FieldTable::default()).await;
@@ -127,7 +120,7 @@ async fn fanout_exchange_copies_to_every_bound_queue_ignoring_the_key() {
 async fn topic_exchange_matches_star_as_one_word_and_hash_as_zero_or_more() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare_exchange(&ch, "tx", ExchangeKind::Topic).await;
     declare(&ch, "star", FieldTable::default()).await;
     declare(&ch, "hash", FieldTable::default()).await;
@@ -167,7 +160,7 @@ async fn topic_exchange_matches_star_as_one_word_and_hash_as_zero_or_more() {
 async fn topic_hash_in_the_middle_matches_zero_or_more_words() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare(&ch, "mid", FieldTable::default()).await;
     bind(&ch, "mid", "amq.topic", "a.#.z", FieldTable::default()).await;
     for key in ["a.z", "a.b.z", "a.b.c.z", "a.b", "b.z", "a.zz"] {
@@ -180,7 +173,7 @@ async fn topic_hash_in_the_middle_matches_zero_or_more_words() {
 async fn headers_exchange_x_match_all_needs_every_header_and_any_needs_one() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare_exchange(&ch, "hx", ExchangeKind::Headers).await;
     declare(&ch, "h-all", FieldTable::default()).await;
     declare(&ch, "h-any", FieldTable::default()).await;
@@ -256,7 +249,7 @@ async fn predeclared_exchanges_exist() {
 async fn amq_match_routes_like_a_headers_exchange() {
     let broker = TestBroker::start();
     let conn = broker.connect().await;
-    let ch = confirming_channel(&conn).await;
+    let ch = confirming(&conn).await;
     declare(&ch, "m", FieldTable::default()).await;
     let s = |v: &str| AMQPValue::LongString(v.into());
     bind(

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use amq_protocol::types::AMQPValue;
+use integration_tests::confirming;
 use integration_tests::{
     REPLY_DEADLINE, TestBroker, assert_x_death, channel, consume, declare, drain, eventually,
     expect_code, get, message_count, publish, queue_exists, send, table, try_declare, within,
@@ -14,7 +15,7 @@ use lapin::options::{
     BasicCancelOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Connection};
 
 fn long(v: i64) -> AMQPValue {
     AMQPValue::LongLongInt(v)
@@ -22,14 +23,6 @@ fn long(v: i64) -> AMQPValue {
 
 fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())
-}
-
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirm.select");
-    ch
 }
 
 fn strings(bodies: Vec<Vec<u8>>) -> Vec<String> {

@@ -6,28 +6,21 @@
 use std::time::Duration;
 
 use amq_protocol::types::{AMQPValue, DecimalValue, FieldArray};
+use integration_tests::confirming;
 use integration_tests::{
     REPLY_DEADLINE, TestBroker, assert_no_delivery, channel, consume, declare, expect_code, get,
     message_count, next_delivery, publish, send, table, within,
 };
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
 
 /// How long a negative check ("nothing more arrives") listens.
 const QUIET: Duration = Duration::from_millis(300);
-
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirm.select");
-    ch
-}
 
 fn every_property() -> BasicProperties {
     let headers = table(&[

@@ -5,24 +5,14 @@
 use std::time::Duration;
 
 use amq_protocol::types::AMQPValue;
+use integration_tests::confirming;
 use integration_tests::{
     TestBroker, channel, consume, declare, drain, expect_code, get, message_count, next_delivery,
     publish, send, table, within,
 };
-use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
-
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await
-    .expect("confirm.select");
-    ch
-}
 
 async fn transactional(conn: &Connection) -> Channel {
     let ch = channel(conn).await;

@@ -8,20 +8,13 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, channel as channel_methods, connection};
 use amq_protocol::types::{FieldTable, LongString};
 use futures_lite::StreamExt;
+use integration_tests::confirming;
 use integration_tests::{
     RawClient, TestBroker, amqp_code, assert_no_delivery, channel, consume, declare, expect_code,
     method_frame, next_delivery, publish, send, try_declare, within,
 };
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event, ExchangeKind};
-
-async fn confirming(conn: &Connection) -> Channel {
-    let ch = channel(conn).await;
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirm.select");
-    ch
-}
+use lapin::{BasicProperties, ConnectionProperties, Event, ExchangeKind};
 
 #[tokio::test]
 async fn max_connections_accepts_n_and_refuses_n_plus_one() {

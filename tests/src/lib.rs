@@ -1036,6 +1036,31 @@ pub async fn try_declare(
     .await
 }
 
+/// Opens a channel in confirm mode, bounded by `REPLY_DEADLINE`.
+pub async fn confirming(conn: &Connection) -> lapin::Channel {
+    let ch = channel(conn).await;
+    within("confirm.select", ch.confirm_select(Default::default()))
+        .await
+        .expect("confirm.select");
+    ch
+}
+
+/// Declares a durable queue with `arguments` and panics on failure.
+pub async fn declare_durable(ch: &lapin::Channel, name: &str, arguments: FieldTable) {
+    let options = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    try_declare(ch, name, options, arguments)
+        .await
+        .unwrap_or_else(|e| panic!("declare durable queue {name:?}: {e:?}"));
+}
+
+/// The properties of a persistent message (delivery mode 2).
+pub fn persistent() -> lapin::BasicProperties {
+    lapin::BasicProperties::default().with_delivery_mode(2)
+}
+
 /// Declares a plain queue (not durable, not exclusive) and panics on failure.
 pub async fn declare(ch: &lapin::Channel, name: &str, arguments: FieldTable) -> lapin::Queue {
     try_declare(ch, name, Default::default(), arguments)

@@ -404,16 +404,14 @@ pub fn run(args: &[String]) -> Result<bool> {
         results.push(res);
     }
 
-    let repl = replication::run(
-        &replication::ReplEnv {
-            qpidd: &env.qpidd,
-            perftest: &env.perftest,
-            qpid_ha: &qpid_ha,
-            runs_dir: &env.runs_dir,
-            opts: &opts,
-        },
-        &repl_keys,
-    );
+    let repl_env = replication::ReplEnv {
+        qpidd: &env.qpidd,
+        perftest: &env.perftest,
+        qpid_ha: &qpid_ha,
+        runs_dir: &env.runs_dir,
+        opts: &opts,
+    };
+    let repl = replication::run(&repl_env, &repl_keys);
     for r in &repl {
         misbehaved.extend(r.problems.iter().map(|p| format!("replication: {p}")));
     }
@@ -421,11 +419,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let store_rabbit_dir = env.runs_dir.join("rabbitmq-store");
     let store_results = store::run(
         &store::StoreEnv {
-            qpidd: &env.qpidd,
-            perftest: &env.perftest,
-            qpid_ha: &qpid_ha,
-            runs_dir: &env.runs_dir,
-            opts: &opts,
+            repl: repl_env,
             rabbit_server: env.rabbit_server.as_deref(),
             rabbit_dir: &store_rabbit_dir,
         },
@@ -575,13 +569,7 @@ impl BenchEnv {
         run: usize,
         fresh_rss: Option<u64>,
     ) -> Result<RunResult> {
-        let mut args: Vec<String> = vec![
-            "--uri".into(),
-            broker.uri(),
-            "--json".into(),
-            "--broker-pid".into(),
-            broker.pid.to_string(),
-        ];
+        let mut args = broker.perftest_target();
         args.extend(sc.args.iter().map(|s| s.to_string()));
         if sc.measure != Measure::Memory {
             args.extend([
@@ -1272,6 +1260,17 @@ impl Broker {
 
     fn uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// perftest's arguments naming this broker: its URI, JSON output, its pid (for its CPU).
+    fn perftest_target(&self) -> Vec<String> {
+        vec![
+            "--uri".into(),
+            self.uri(),
+            "--json".into(),
+            "--broker-pid".into(),
+            self.pid.to_string(),
+        ]
     }
 
     fn alive(&mut self) -> bool {

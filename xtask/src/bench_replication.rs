@@ -41,11 +41,20 @@ pub(super) const KEYS: [&str; 4] = ["repl-confirm", "repl-lag", "repl-reconnect"
 
 /// The replication keys `--only` selects (all four without `--only`).
 pub(super) fn selected(only: &Option<Vec<String>>) -> Vec<&'static str> {
-    KEYS.iter()
+    keys_selected(&KEYS, "replication", only)
+}
+
+/// The `keys` that `--only` names, by key or by their `group` name (all without `--only`).
+pub(super) fn keys_selected(
+    keys: &[&'static str],
+    group: &str,
+    only: &Option<Vec<String>>,
+) -> Vec<&'static str> {
+    keys.iter()
         .copied()
         .filter(|k| {
             only.as_ref()
-                .is_none_or(|o| o.iter().any(|x| x == k || x == "replication"))
+                .is_none_or(|o| o.iter().any(|x| x == k || x == group))
         })
         .collect()
 }
@@ -305,28 +314,25 @@ impl ReplEnv<'_> {
     }
 
     fn perftest_args(&self, pair: &Pair, queue: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--uri",
-            &pair.original.uri(),
-            "--json",
-            "--broker-pid",
-            &pair.original.pid.to_string(),
-            "--producers",
-            "1",
-            "--consumers",
-            "1",
-            "--size",
-            "1024",
-            "--confirm",
-            "1000",
-            "--auto-ack",
-            "--queue",
-            queue,
-            "--predeclared",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = pair.original.perftest_target();
+        args.extend(
+            [
+                "--producers",
+                "1",
+                "--consumers",
+                "1",
+                "--size",
+                "1024",
+                "--confirm",
+                "1000",
+                "--auto-ack",
+                "--queue",
+                queue,
+                "--predeclared",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }

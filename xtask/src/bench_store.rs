@@ -23,8 +23,10 @@
 //! * `store-disk`: then consume and ack all of them, sample the size of `DIR/store` every 5 s
 //!   for 60 s, and report the last size (≤ 64 MiB + 1 MiB per durable queue).
 
-use super::replication::{Amqp, Mgmt, ReplResult, find_row, run_limited, run_perftest};
-use super::{Broker, Json, Options, free_port, group, pids_named, short_str, signal, stat, unique};
+use super::replication::{
+    Amqp, Mgmt, ReplEnv, ReplResult, find_row, keys_selected, run_limited, run_perftest,
+};
+use super::{Broker, Json, free_port, group, pids_named, short_str, signal, stat, unique};
 use anyhow::{Context, Result, bail, ensure};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,13 +45,7 @@ pub(super) const KEYS: [&str; 6] = [
 
 /// The store keys `--only` selects (all six without `--only`).
 pub(super) fn selected(only: &Option<Vec<String>>) -> Vec<&'static str> {
-    KEYS.iter()
-        .copied()
-        .filter(|k| {
-            only.as_ref()
-                .is_none_or(|o| o.iter().any(|x| x == k || x == "store"))
-        })
-        .collect()
+    keys_selected(&KEYS, "store", only)
 }
 
 /// Messages of `store-recovery`.
@@ -61,17 +57,21 @@ const DISK_WAIT_S: u64 = 60;
 /// ...every this many seconds.
 const DISK_EVERY_S: u64 = 5;
 
-/// Paths and options the measures need.
+/// Paths and options the measures need: the replication measures' (reached through
+/// `Deref`), and RabbitMQ's.
 pub(super) struct StoreEnv<'a> {
-    pub qpidd: &'a Path,
-    pub perftest: &'a Path,
-    pub qpid_ha: &'a Path,
-    pub runs_dir: &'a Path,
-    pub opts: &'a Options,
+    pub repl: ReplEnv<'a>,
     /// `rabbitmq-server` (the script `find_rabbitmq` chose), when RabbitMQ is compared.
     pub rabbit_server: Option<&'a Path>,
     /// Where the single RabbitMQ node keeps its files (the issue-2 bench's directory).
     pub rabbit_dir: &'a Path,
+}
+
+impl<'a> std::ops::Deref for StoreEnv<'a> {
+    type Target = ReplEnv<'a>;
+    fn deref(&self) -> &ReplEnv<'a> {
+        &self.repl
+    }
 }
 
 /// A measure's outcome: the replication bench's type (rows, details, problems).
@@ -231,6 +231,54 @@ impl Figures {
     }
 }
 
+/// Picks one figure of a run.
+type Pick = fn(&Figures) -> Option<f64>;
+
+/// The row every throughput measure shows about the machine's other load.
+const OTHER_CPU_ROW: &str =
+    "other processes' CPU during the runs (cores of 2), qpidd / RabbitMQ runs";
+
+/// The valid runs' figures of each target of a measure, in the order of its targets.
+struct Runs(Vec<Vec<Figures>>);
+
+impl Runs {
+    /// Figure `f` of every valid run of target `i` (none if there is no such target).
+    fn of(&self, i: usize, f: Pick) -> Vec<f64> {
+        self.0
+            .get(i)
+            .map(|v| v.iter().filter_map(f).collect())
+            .unwrap_or_default()
+    }
+
+    /// `first / second` target's `median [min–max] (n)` of figure `f`, with `d` decimals.
+    fn pair(&self, f: Pick, d: usize) -> String {
+        format!(
+            "{} / {}",
+            fmt_stat(&self.of(0, f), d),
+            fmt_stat(&self.of(1, f), d)
+        )
+    }
+}
+
+/// The row of a ratio target: median of `ours` over median of `theirs`, at least `target`
+/// (`missing` is shown when either has no valid run).
+fn ratio_row(
+    res: &mut StoreResult,
+    label: &str,
+    ours: &[f64],
+    theirs: &[f64],
+    target: f64,
+    missing: &str,
+) {
+    let ratio = median(ours).zip(median(theirs)).map(|(a, b)| a / b);
+    res.row(
+        label,
+        ratio.map_or(missing.into(), |r| format!("{r:.2}×")),
+        &format!("≥ {target}×"),
+        ratio.map(|r| r >= target),
+    );
+}
+
 /// `median [min–max]` of `v` with `d` decimals.
 fn fmt_stat(v: &[f64], d: usize) -> String {
     stat(v).map_or("-".into(), |s| {
@@ -373,13 +421,7 @@ impl StoreEnv<'_> {
     /// The load of every measure: 1→1, 1 KiB persistent, confirms 1,000, manual acks.
     /// `queue`: a predeclared queue (else perftest declares a fresh durable one).
     fn load_args(&self, b: &Broker, queue: Option<&str>, rate: Option<u32>) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "--uri".into(),
-            b.uri(),
-            "--json".into(),
-            "--broker-pid".into(),
-            b.pid.to_string(),
-        ];
+        let mut args = b.perftest_target();
         for a in [
             "--producers",
             "1",
@@ -424,7 +466,7 @@ impl StoreEnv<'_> {
         rate: Option<u32>,
         res: &mut StoreResult,
         mut check: impl FnMut(&str, usize) -> Result<Option<String>>,
-    ) -> Result<Vec<Vec<Figures>>> {
+    ) -> Result<Runs> {
         let mut figs = vec![Vec::new(); targets.len()];
         let mut records = Vec::new();
         for run in 0..self.opts.runs {
@@ -493,7 +535,7 @@ impl StoreEnv<'_> {
             }
         }
         res.detail.push(("runs".into(), Json::Arr(records)));
-        Ok(figs)
+        Ok(Runs(figs))
     }
 
     /// `store-confirm` and `store-latency` on one qpidd (fresh data dir) and one RabbitMQ.
@@ -521,77 +563,51 @@ impl StoreEnv<'_> {
             targets.push(("rabbitmq", t, None));
         }
         if let Some(res) = confirm {
-            let figs = self.interleaved("store-confirm", &targets, None, res, |_, _| Ok(None))?;
-            let rates = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
-                figs.get(i)
-                    .map(|v| v.iter().filter_map(f).collect())
-                    .unwrap_or_default()
-            };
-            let (oc, tc) = (rates(0, |f| f.consumed), rates(1, |f| f.consumed));
+            let runs = self.interleaved("store-confirm", &targets, None, res, |_, _| Ok(None))?;
+            let (oc, tc) = (runs.of(0, |f| f.consumed), runs.of(1, |f| f.consumed));
             res.row("qpidd msgs/s consumed", fmt_stat(&oc, 0), "", None);
             res.row("RabbitMQ msgs/s consumed", fmt_stat(&tc, 0), "", None);
-            let ratio = median(&oc).zip(median(&tc)).map(|(a, b)| a / b);
-            res.row(
+            ratio_row(
+                res,
                 "ours / RabbitMQ (medians)",
-                ratio.map_or("- (no RabbitMQ)".into(), |r| format!("{r:.2}×")),
-                "≥ 3×",
-                ratio.map(|r| r >= 3.0),
+                &oc,
+                &tc,
+                3.0,
+                "- (no RabbitMQ)",
             );
-            let (op, tp) = (rates(0, |f| f.published), rates(1, |f| f.published));
-            res.row(
-                "msgs/s published (confirmed), qpidd / RabbitMQ",
-                format!("{} / {}", fmt_stat(&op, 0), fmt_stat(&tp, 0)),
-                "",
-                None,
-            );
-            let (ol, tl) = (
-                rates(0, |f| f.confirm_p99_us),
-                rates(1, |f| f.confirm_p99_us),
-            );
-            res.row(
-                "publish-to-confirm p99 µs (window 1,000), qpidd / RabbitMQ",
-                format!("{} / {}", fmt_stat(&ol, 0), fmt_stat(&tl, 0)),
-                "",
-                None,
-            );
-            let (ob, tb) = (rates(0, |f| f.broker_us), rates(1, |f| f.broker_us));
-            res.row(
-                "broker CPU µs/msg, qpidd / RabbitMQ",
-                format!("{} / {}", fmt_stat(&ob, 1), fmt_stat(&tb, 1)),
-                "",
-                None,
-            );
-            let (oo, to) = (rates(0, |f| f.other_cores), rates(1, |f| f.other_cores));
-            res.row(
-                "other processes' CPU during the runs (cores of 2), qpidd / RabbitMQ runs",
-                format!("{} / {}", fmt_stat(&oo, 2), fmt_stat(&to, 2)),
-                "",
-                None,
-            );
-            let (od, td) = (rates(0, |f| f.disk_mb_s), rates(1, |f| f.disk_mb_s));
-            res.row(
-                "disk writes MB/s (whole machine), qpidd / RabbitMQ runs",
-                format!("{} / {}", fmt_stat(&od, 0), fmt_stat(&td, 0)),
-                "",
-                None,
-            );
+            for (label, f, d) in [
+                (
+                    "msgs/s published (confirmed), qpidd / RabbitMQ",
+                    (|f| f.published) as Pick,
+                    0,
+                ),
+                (
+                    "publish-to-confirm p99 µs (window 1,000), qpidd / RabbitMQ",
+                    |f| f.confirm_p99_us,
+                    0,
+                ),
+                ("broker CPU µs/msg, qpidd / RabbitMQ", |f| f.broker_us, 1),
+                (OTHER_CPU_ROW, |f| f.other_cores, 2),
+                (
+                    "disk writes MB/s (whole machine), qpidd / RabbitMQ runs",
+                    |f| f.disk_mb_s,
+                    0,
+                ),
+            ] {
+                res.row(label, runs.pair(f, d), "", None);
+            }
         }
         if let Some(res) = latency {
-            let figs = self.interleaved(
+            let runs = self.interleaved(
                 "store-latency",
                 &targets,
                 Some(LATENCY_RATE),
                 res,
                 |_, _| Ok(None),
             )?;
-            let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
-                figs.get(i)
-                    .map(|v| v.iter().filter_map(f).collect())
-                    .unwrap_or_default()
-            };
-            let o99 = get(0, |f| f.confirm_p99_us);
-            let ms = |v: &[f64]| {
-                stat(v).map_or("-".into(), |s| {
+            let o99 = runs.of(0, |f| f.confirm_p99_us);
+            let ms = |i: usize, f: Pick| {
+                stat(&runs.of(i, f)).map_or("-".into(), |s| {
                     format!(
                         "{:.2} ms [{:.2}–{:.2}] (n {})",
                         s.median / 1e3,
@@ -603,13 +619,13 @@ impl StoreEnv<'_> {
             };
             res.row(
                 "qpidd p99 publish-to-confirm (median of runs)",
-                ms(&o99),
+                ms(0, |f| f.confirm_p99_us),
                 "≤ 2 ms",
                 median(&o99).map(|m| m <= 2000.0),
             );
             res.row(
                 "qpidd p50 publish-to-confirm",
-                ms(&get(0, |f| f.confirm_p50_us)),
+                ms(0, |f| f.confirm_p50_us),
                 "",
                 None,
             );
@@ -617,32 +633,19 @@ impl StoreEnv<'_> {
                 "RabbitMQ p99 / p50 publish-to-confirm",
                 format!(
                     "{} / {}",
-                    ms(&get(1, |f| f.confirm_p99_us)),
-                    ms(&get(1, |f| f.confirm_p50_us))
+                    ms(1, |f| f.confirm_p99_us),
+                    ms(1, |f| f.confirm_p50_us)
                 ),
                 "",
                 None,
             );
             res.row(
                 "end-to-end p99, qpidd / RabbitMQ",
-                format!(
-                    "{} / {}",
-                    ms(&get(0, |f| f.e2e_p99_us)),
-                    ms(&get(1, |f| f.e2e_p99_us))
-                ),
+                format!("{} / {}", ms(0, |f| f.e2e_p99_us), ms(1, |f| f.e2e_p99_us)),
                 "",
                 None,
             );
-            res.row(
-                "other processes' CPU during the runs (cores of 2), qpidd / RabbitMQ runs",
-                format!(
-                    "{} / {}",
-                    fmt_stat(&get(0, |f| f.other_cores), 2),
-                    fmt_stat(&get(1, |f| f.other_cores), 2)
-                ),
-                "",
-                None,
-            );
+            res.row(OTHER_CPU_ROW, runs.pair(|f| f.other_cores, 2), "", None);
         }
         let mut problems = Vec::new();
         if !ours.alive() {
@@ -714,56 +717,33 @@ impl StoreEnv<'_> {
             ("ready replica", &original, Some(repl_q)),
             ("no replica", &original, Some(plain_q)),
         ];
-        let figs = self.interleaved("store-replica", &targets, None, res, |label, _| {
+        let runs = self.interleaved("store-replica", &targets, None, res, |label, _| {
             if label != "ready replica" {
                 return Ok(None);
             }
             let s = state(&mut mgmt)?;
             Ok((s != "ready").then(|| format!("the replica is {s} after the run")))
         })?;
-        let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
-            figs[i].iter().filter_map(f).collect()
-        };
-        let (w, p) = (get(0, |f| f.consumed), get(1, |f| f.consumed));
+        let (w, p) = (runs.of(0, |f| f.consumed), runs.of(1, |f| f.consumed));
         res.row("msgs/s consumed, ready replica", fmt_stat(&w, 0), "", None);
         res.row("msgs/s consumed, no replica", fmt_stat(&p, 0), "", None);
-        let ratio = median(&w).zip(median(&p)).map(|(a, b)| a / b);
-        res.row(
-            "ratio of medians",
-            ratio.map_or("-".into(), |r| format!("{r:.2}×")),
-            "≥ 0.6×",
-            ratio.map(|r| r >= 0.6),
-        );
-        res.row(
-            "publish-to-confirm p99 µs, replica / none",
-            format!(
-                "{} / {}",
-                fmt_stat(&get(0, |f| f.confirm_p99_us), 0),
-                fmt_stat(&get(1, |f| f.confirm_p99_us), 0)
+        ratio_row(res, "ratio of medians", &w, &p, 0.6, "-");
+        for (label, f) in [
+            (
+                "publish-to-confirm p99 µs, replica / none",
+                (|f| f.confirm_p99_us) as Pick,
             ),
-            "",
-            None,
-        );
-        res.row(
-            "disk writes MB/s (whole machine), ready replica / none",
-            format!(
-                "{} / {}",
-                fmt_stat(&get(0, |f| f.disk_mb_s), 0),
-                fmt_stat(&get(1, |f| f.disk_mb_s), 0)
+            (
+                "disk writes MB/s (whole machine), ready replica / none",
+                |f| f.disk_mb_s,
             ),
-            "",
-            None,
-        );
-        res.row(
-            "disk bytes written per message consumed, ready replica / none",
-            format!(
-                "{} / {}",
-                fmt_stat(&get(0, Figures::disk_bytes_per_msg), 0),
-                fmt_stat(&get(1, Figures::disk_bytes_per_msg), 0)
+            (
+                "disk bytes written per message consumed, ready replica / none",
+                Figures::disk_bytes_per_msg,
             ),
-            "",
-            None,
-        );
+        ] {
+            res.row(label, runs.pair(f, 0), "", None);
+        }
         for (name, mut b) in [("original", original), ("replica", replica)] {
             if !b.alive() {
                 res.problems
@@ -877,7 +857,7 @@ impl StoreEnv<'_> {
         if let Some(c) = &rabbit {
             targets.push(("rabbitmq quorum", &c.nodes[0], Some(rq)));
         }
-        let figs = self.interleaved("store-cluster", &targets, None, res, |label, _| {
+        let runs = self.interleaved("store-cluster", &targets, None, res, |label, _| {
             if label != "qpidd cluster" {
                 return Ok(None);
             }
@@ -895,12 +875,7 @@ impl StoreEnv<'_> {
                 .any(|s| s != "ready")
                 .then(|| format!("backups after the run: {st:?}")))
         })?;
-        let get = |i: usize, f: fn(&Figures) -> Option<f64>| -> Vec<f64> {
-            figs.get(i)
-                .map(|v| v.iter().filter_map(f).collect())
-                .unwrap_or_default()
-        };
-        let (o, t) = (get(0, |f| f.consumed), get(1, |f| f.consumed));
+        let (o, t) = (runs.of(0, |f| f.consumed), runs.of(1, |f| f.consumed));
         res.row(
             "qpidd primary + 2 ready backups, msgs/s consumed",
             fmt_stat(&o, 0),
@@ -913,33 +888,26 @@ impl StoreEnv<'_> {
             "",
             None,
         );
-        let ratio = median(&o).zip(median(&t)).map(|(a, b)| a / b);
-        res.row(
+        ratio_row(
+            res,
             "ours / RabbitMQ (medians)",
-            ratio.map_or("- (no RabbitMQ figure)".into(), |r| format!("{r:.2}×")),
-            "≥ 2.5×",
-            ratio.map(|r| r >= 2.5),
+            &o,
+            &t,
+            2.5,
+            "- (no RabbitMQ figure)",
         );
-        res.row(
-            "publish-to-confirm p99 µs, qpidd / RabbitMQ",
-            format!(
-                "{} / {}",
-                fmt_stat(&get(0, |f| f.confirm_p99_us), 0),
-                fmt_stat(&get(1, |f| f.confirm_p99_us), 0)
+        for (label, f) in [
+            (
+                "publish-to-confirm p99 µs, qpidd / RabbitMQ",
+                (|f| f.confirm_p99_us) as Pick,
             ),
-            "",
-            None,
-        );
-        res.row(
-            "disk writes MB/s (whole machine), qpidd cluster / RabbitMQ quorum runs",
-            format!(
-                "{} / {}",
-                fmt_stat(&get(0, |f| f.disk_mb_s), 0),
-                fmt_stat(&get(1, |f| f.disk_mb_s), 0)
+            (
+                "disk writes MB/s (whole machine), qpidd cluster / RabbitMQ quorum runs",
+                |f| f.disk_mb_s,
             ),
-            "",
-            None,
-        );
+        ] {
+            res.row(label, runs.pair(f, 0), "", None);
+        }
         for (i, mut b) in members.into_iter().enumerate() {
             if !b.alive() {
                 res.problems

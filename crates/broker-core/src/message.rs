@@ -139,6 +139,13 @@ impl Message {
         Ok(b.finish())
     }
 
+    /// The message as one buffer, exchange | routing key | raw properties | body, with the
+    /// lengths of the first three (the store's enqueue record holds exactly this).
+    pub fn layout(&self) -> (u8, u8, u32, &[u8]) {
+        let m = &self.0;
+        (m.exchange_len, m.routing_key_len, m.properties_len, &m.data)
+    }
+
     /// The exchange it was published to.
     pub fn exchange(&self) -> &str {
         let end = self.0.exchange_len as usize;

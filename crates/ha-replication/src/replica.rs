@@ -469,6 +469,7 @@ impl Replica {
             next_id: 1,
             last_tag: 0,
             persisted: false,
+            applied: 0,
             ended: None,
             first,
         };
@@ -531,6 +532,9 @@ impl Replica {
                 }
             }
             let r = link.next_batch(|incoming| apply.incoming(incoming)).await;
+            if apply.applied != 0 {
+                self.status.lock().applied_enqueues += std::mem::take(&mut apply.applied);
+            }
             if let Some(ended) = apply.ended.take() {
                 link.close().await;
                 return ended;
@@ -593,6 +597,8 @@ struct Apply<'a> {
     last_tag: u64,
     /// A persistent message went to a durable queue in this batch.
     persisted: bool,
+    /// Enqueues applied in this batch, added to the status once per batch.
+    applied: u64,
     ended: Option<Ended>,
     first: &'a mut Option<oneshot::Sender<FirstOutcome>>,
 }
@@ -625,7 +631,7 @@ impl Apply<'_> {
                     Ok(m) => {
                         self.persisted |= m.persistent() && self.replica.queue.durable;
                         if self.replica.queue.apply_enqueue(id, m, redelivered) {
-                            self.replica.status.lock().applied_enqueues += 1;
+                            self.applied += 1;
                         }
                     }
                     Err(e) => {

@@ -750,27 +750,22 @@ impl QueueObserver for QueueJournal {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        let m = &entry.message;
         let expires = if entry.expires_at_ms == u64::MAX {
             0
         } else {
             self.wall_base_ms.saturating_add(entry.expires_at_ms)
         };
-        let data_len =
-            m.exchange().len() + m.routing_key().len() + m.raw_properties().len() + m.body().len();
-        let record_len = RECORD_OVERHEAD + 1 + 30 + data_len;
+        let (exchange_len, routing_key_len, properties_len, data) = entry.message.layout();
+        let record_len = RECORD_OVERHEAD + 1 + 30 + data.len();
         let write = |out: &mut Vec<u8>| {
             journal::append_record(out, REC_ENQUEUE, |o| {
                 o.extend_from_slice(&self.key.to_le_bytes());
                 o.extend_from_slice(&entry.id.to_le_bytes());
                 o.extend_from_slice(&expires.to_le_bytes());
-                o.push(m.exchange().len() as u8);
-                o.push(m.routing_key().len() as u8);
-                o.extend_from_slice(&(m.raw_properties().len() as u32).to_le_bytes());
-                o.extend_from_slice(m.exchange().as_bytes());
-                o.extend_from_slice(m.routing_key().as_bytes());
-                o.extend_from_slice(m.raw_properties());
-                o.extend_from_slice(m.body());
+                o.push(exchange_len);
+                o.push(routing_key_len);
+                o.extend_from_slice(&properties_len.to_le_bytes());
+                o.extend_from_slice(data);
             })
         };
         let seg = shared.push(record_len, write, |p, seg| {

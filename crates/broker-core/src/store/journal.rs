@@ -118,6 +118,20 @@ pub enum End {
     Damaged(Damage),
 }
 
+/// A bad record at `at`: a torn write when `torn`, else damage in `file`.
+fn torn_or_damaged(torn: bool, file: &Path, at: usize, what: String) -> End {
+    let offset = at as u64;
+    if torn {
+        End::Torn { offset, what }
+    } else {
+        End::Damaged(Damage {
+            file: file.to_path_buf(),
+            offset,
+            what,
+        })
+    }
+}
+
 /// Reads the records of `bytes` (a whole file, header checked already), calling `each` for
 /// every good one, and says how the scan ended. `max_len` bounds a record's length.
 pub fn scan<'a>(
@@ -139,19 +153,8 @@ pub fn scan<'a>(
         if len == 0 || len > max_len {
             // A length no writer makes. Only a tail of zeros (a file extended by a crash
             // before its data reached the disk) is a torn write; anything else is damage.
-            let what = format!("impossible record length {len}");
-            return if bytes[at..].iter().all(|&b| b == 0) {
-                End::Torn {
-                    offset: at as u64,
-                    what,
-                }
-            } else {
-                End::Damaged(Damage {
-                    file: file.to_path_buf(),
-                    offset: at as u64,
-                    what,
-                })
-            };
+            let torn = bytes[at..].iter().all(|&b| b == 0);
+            return torn_or_damaged(torn, file, at, format!("impossible record length {len}"));
         }
         let end = at + 4 + len + 4;
         if end > bytes.len() {
@@ -165,19 +168,8 @@ pub fn scan<'a>(
         }
         let crc = u32::from_le_bytes(bytes[end - 4..end].try_into().unwrap_or_default());
         if crc32fast::hash(&bytes[at..end - 4]) != crc {
-            let what = "checksum mismatch".to_string();
-            return if end == bytes.len() {
-                End::Torn {
-                    offset: at as u64,
-                    what,
-                }
-            } else {
-                End::Damaged(Damage {
-                    file: file.to_path_buf(),
-                    offset: at as u64,
-                    what,
-                })
-            };
+            let torn = end == bytes.len();
+            return torn_or_damaged(torn, file, at, "checksum mismatch".into());
         }
         let record = Record {
             offset: at as u64,
