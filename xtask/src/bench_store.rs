@@ -10,7 +10,11 @@
 //! * `store-confirm`: closed loop (backlog capped at 50,000), qpidd vs a private RabbitMQ node
 //!   (as the issue-2 bench starts it), interleaved; ratio of the median consumed rates (≥ 3×).
 //! * `store-latency`: the same at a fixed 5,000 msg/s; p99 publish-to-confirm latency from
-//!   qpid-perftest's `confirm_latency_us` (≤ 2 ms, ours).
+//!   qpid-perftest's `confirm_latency_us` (≤ 2 ms, ours). After each qpidd run, the bare disk
+//!   at the same rate: a loop appending 1,100-byte records to a file in the bench's run
+//!   directory on a fixed schedule, each round writing what is due and calling `fdatasync`
+//!   (group commit without a broker); its p99 from scheduled time to sync done shows what the
+//!   disk alone allows in that part of the run.
 //! * `store-replica`: two qpidd with `--ha-queue-replication yes`, each with its own data dir;
 //!   a durable queue with a ready replica (`qpid-ha replicate`) vs a durable queue without one
 //!   on the same original, interleaved (ratio ≥ 0.6).
@@ -26,7 +30,9 @@
 use super::replication::{
     Amqp, Mgmt, ReplEnv, ReplResult, find_row, keys_selected, run_limited, run_perftest,
 };
-use super::{Broker, Json, free_port, group, pids_named, short_str, signal, stat, unique};
+use super::{
+    Broker, Json, free_port, group, percentile, pids_named, short_str, signal, stat, unique,
+};
 use anyhow::{Context, Result, bail, ensure};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -294,6 +300,86 @@ fn fmt_stat(v: &[f64], d: usize) -> String {
 
 fn median(v: &[f64]) -> Option<f64> {
     stat(v).map(|s| s.median)
+}
+
+/// The bare disk's figures in one run of `disk_loop`, in µs.
+#[derive(Clone, Copy)]
+struct DiskLoop {
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    records: usize,
+    syncs: u64,
+}
+
+/// What the disk alone allows at `rate` records a second: appends 1,100-byte records (the size
+/// of a 1 KiB message's enqueue record) to files of at most 16 MiB under `dir` on a fixed
+/// schedule, each round writing every record due and calling `fdatasync` once, and measures each
+/// record's time from its scheduled time to the end of its sync, after `warmup`.
+fn disk_loop(dir: &Path, rate: u32, warmup: Duration, measure: Duration) -> Result<DiskLoop> {
+    use std::io::Write;
+    const RECORD: usize = 1_100;
+    const FILE_MAX: u64 = 16 << 20;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let open = |n: u32| {
+        let path = dir.join(format!("loop-{n}.dat"));
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))
+    };
+    let (mut file, mut files, mut len) = (open(0)?, 1u32, 0u64);
+    let record = [0x5au8; RECORD];
+    let mut buf = Vec::new();
+    let mut lat = Vec::new();
+    let (mut sent, mut syncs) = (0u64, 0u64);
+    let start = Instant::now();
+    loop {
+        let now = start.elapsed();
+        if now >= warmup + measure {
+            break;
+        }
+        let due = (now.as_secs_f64() * f64::from(rate)) as u64;
+        if due <= sent {
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        if len >= FILE_MAX {
+            file = open(files)?;
+            files += 1;
+            len = 0;
+        }
+        buf.clear();
+        for _ in sent..due {
+            buf.extend_from_slice(&record);
+        }
+        file.write_all(&buf)
+            .and_then(|_| file.sync_data())
+            .context("bare disk loop")?;
+        len += buf.len() as u64;
+        let done = start.elapsed().as_secs_f64();
+        if done >= warmup.as_secs_f64() {
+            syncs += 1;
+        }
+        for i in sent..due {
+            let scheduled = i as f64 / f64::from(rate);
+            if scheduled >= warmup.as_secs_f64() {
+                lat.push((done - scheduled) * 1e6);
+            }
+        }
+        sent = due;
+    }
+    drop(file);
+    let _ = fs::remove_dir_all(dir);
+    let pct = |q| percentile(&lat, q).unwrap_or(f64::NAN);
+    Ok(DiskLoop {
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        max_us: pct(1.0),
+        records: lat.len(),
+        syncs,
+    })
 }
 
 /// How long a run waits at most for the disk to be quiet before it starts.
@@ -598,12 +684,35 @@ impl StoreEnv<'_> {
             }
         }
         if let Some(res) = latency {
+            // After each qpidd run, the bare disk at the same rate, on a quiet disk too.
+            let mut bare: Vec<DiskLoop> = Vec::new();
             let runs = self.interleaved(
                 "store-latency",
                 &targets,
                 Some(LATENCY_RATE),
                 res,
-                |_, _| Ok(None),
+                |label, run| {
+                    if label != "qpidd" {
+                        return Ok(None);
+                    }
+                    settle_disk(SETTLE_LIMIT);
+                    let d = disk_loop(
+                        &self.runs_dir.join(format!("disk-loop-{}", unique())),
+                        LATENCY_RATE,
+                        Duration::from_secs_f64(self.opts.warmup),
+                        Duration::from_secs_f64(self.opts.seconds),
+                    )?;
+                    println!(
+                        "    run {run} bare disk        {} records at {LATENCY_RATE}/s, {} syncs: p50 {} µs p99 {} µs max {} µs",
+                        group(d.records as f64, 0),
+                        group(d.syncs as f64, 0),
+                        group(d.p50_us, 0),
+                        group(d.p99_us, 0),
+                        group(d.max_us, 0)
+                    );
+                    bare.push(d);
+                    Ok(None)
+                },
             )?;
             let o99 = runs.of(0, |f| f.confirm_p99_us);
             let ms = |i: usize, f: Pick| {
@@ -646,6 +755,46 @@ impl StoreEnv<'_> {
                 None,
             );
             res.row(OTHER_CPU_ROW, runs.pair(|f| f.other_cores, 2), "", None);
+            let bare_ms = |f: fn(&DiskLoop) -> f64| {
+                let v: Vec<f64> = bare.iter().map(f).collect();
+                stat(&v).map_or("-".into(), |s| {
+                    format!(
+                        "{:.2} ms [{:.2}–{:.2}] (n {})",
+                        s.median / 1e3,
+                        s.min / 1e3,
+                        s.max / 1e3,
+                        s.n
+                    )
+                })
+            };
+            res.row(
+                "bare disk at the same rate (write + fdatasync loop after each qpidd run): p99",
+                bare_ms(|d| d.p99_us),
+                "",
+                None,
+            );
+            res.row(
+                "bare disk p50 / max",
+                format!("{} / {}", bare_ms(|d| d.p50_us), bare_ms(|d| d.max_us)),
+                "",
+                None,
+            );
+            res.detail.push((
+                "bare_disk".into(),
+                Json::Arr(
+                    bare.iter()
+                        .map(|d| {
+                            Json::Obj(vec![
+                                ("p50_us".into(), Json::Num(d.p50_us)),
+                                ("p99_us".into(), Json::Num(d.p99_us)),
+                                ("max_us".into(), Json::Num(d.max_us)),
+                                ("records".into(), Json::Num(d.records as f64)),
+                                ("syncs".into(), Json::Num(d.syncs as f64)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ));
         }
         let mut problems = Vec::new();
         if !ours.alive() {
@@ -1342,6 +1491,23 @@ impl RabbitCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bare_disk_loop_times_every_record_after_the_warmup_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("xtask-disk-loop-{}", unique()));
+        let d = disk_loop(
+            &dir,
+            2_000,
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+        )
+        .expect("disk loop");
+        // 300 ms at 2,000 records a second after the warm-up: about 600 records timed.
+        assert!((500..=610).contains(&d.records), "{} records", d.records);
+        assert!(d.syncs >= 1 && d.syncs <= 800, "{} syncs", d.syncs);
+        assert!(d.p50_us > 0.0 && d.p50_us <= d.p99_us && d.p99_us <= d.max_us);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 
     #[test]
     fn figures_read_disk_writes() {
