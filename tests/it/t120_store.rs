@@ -6,7 +6,8 @@
 //! the journal files follow the documented framing, a new segment begins at every start and
 //! `config.jnl` is compacted into snapshots; a torn tail is dropped with a warning, damage
 //! elsewhere and newer format versions refuse the start (unless `--store-skip-damaged yes`); and
-//! consumed segments are deleted while the broker runs.
+//! consumed segments are deleted while the broker runs, also for several queues over many small
+//! segments with clean and kill -9 restarts (a seeded model test).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -2220,4 +2221,203 @@ async fn a_growing_configuration_journal_is_compacted_while_running() {
         .expect("the live queue keeps its arguments through the compaction");
     assert!(!queue_exists(&conn, "st.churn99").await);
     assert!(!queue_exists(&conn, "st.churn0").await);
+}
+
+// ---- a model of several queues over many small segments ----------------------------------
+
+/// The body of model message `seq`: its number, then `len` filler bytes.
+fn model_body(seq: u64, len: usize) -> Vec<u8> {
+    let mut b = format!("sm-{seq}-").into_bytes();
+    b.extend(pattern(len, seq as u32));
+    b
+}
+
+/// The number a model body starts with (for short failure messages).
+fn model_seq(body: &[u8]) -> String {
+    body.split(|&c| c == b'-')
+        .nth(1)
+        .map_or_else(|| "?".into(), |s| String::from_utf8_lossy(s).into_owned())
+}
+
+/// Four durable queues over 64 KiB segments, sixteen restarts (a third of them kill -9, the rest
+/// clean), and a seeded random mix of confirmed publishes (100 B to 3 KiB, up to 20 at a time)
+/// and acked basic.gets from the heads. `sm.0` is never consumed and gets a batch now and then, so
+/// it pins older segments while the others' consumed segments, whose dequeue records those need,
+/// must go (the records carried forward). At every start
+/// each queue holds the model's messages, preceded after a kill by at most the last ones taken
+/// since the last confirm (at-least-once: their dequeue records may not have been written yet),
+/// every message taken is the model's next one, and at the end each queue holds exactly the
+/// model's messages in order; once all are taken, the segments are reclaimed while the broker
+/// runs. The seed is printed; `STORE_MODEL_SEED=<n>` replays it.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not_taken() {
+    let seed: u64 = std::env::var("STORE_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64 | 1)
+        });
+    println!("store model seed {seed} (STORE_MODEL_SEED={seed} replays it)");
+    let mut state = seed;
+    let mut rand = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n.max(1)
+    };
+    let dir = TempDir::new("store-model");
+    let queues = ["sm.0", "sm.1", "sm.2", "sm.3"];
+    type Model = Vec<std::collections::VecDeque<Vec<u8>>>;
+    let mut model: Model = vec![Default::default(); 4];
+    // Per queue, what was taken since the last confirmed publish: after a kill, a suffix of it
+    // may be back at the head.
+    let mut taken: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 4];
+    let mut seq = 0u64;
+    let args = ["--store-segment-size", "64KiB"];
+    // The depths at a start: the model's, or after a kill up to `taken` more.
+    async fn check_depths(
+        conn: &Connection,
+        queues: &[&str],
+        model: &mut Model,
+        taken: &mut [Vec<Vec<u8>>],
+        seed: u64,
+        start: usize,
+    ) {
+        for (i, q) in queues.iter().enumerate() {
+            let depth = count(conn, q).await as usize;
+            let back = depth.checked_sub(model[i].len()).unwrap_or_else(|| {
+                panic!(
+                    "seed {seed}, start {start}: {q} holds {depth}, the model {}",
+                    model[i].len()
+                )
+            });
+            assert!(
+                back <= taken[i].len(),
+                "seed {seed}, start {start}: {q} holds {depth}, more than the model's {} and the {} taken since the last confirm",
+                model[i].len(),
+                taken[i].len()
+            );
+            for m in taken[i].drain(..).rev().take(back) {
+                model[i].push_front(m);
+            }
+        }
+        for t in taken.iter_mut() {
+            t.clear();
+        }
+    }
+    let mut kills = 0;
+    for round in 0..16 {
+        let broker = broker_on(dir.path(), &args);
+        let conn = broker.connect().await;
+        let pch = confirming(&conn).await;
+        let ch = channel(&conn).await;
+        if round == 0 {
+            for q in queues {
+                declare_durable(&pch, q, FieldTable::default()).await;
+            }
+        }
+        check_depths(&conn, &queues, &mut model, &mut taken, seed, round).await;
+        for _ in 0..50 {
+            // sm.0 gets a batch now and then, so most segments hold only messages that are
+            // taken later, while older ones stay pinned.
+            let i = if rand(10) == 0 {
+                0
+            } else {
+                1 + rand(3) as usize
+            };
+            if i == 0 || rand(2) == 0 {
+                let batch: Vec<(String, Vec<u8>, BasicProperties)> = (0..1 + rand(20))
+                    .map(|_| {
+                        seq += 1;
+                        let body = model_body(seq, 100 + rand(3_000) as usize);
+                        model[i].push_back(body.clone());
+                        (queues[i].to_string(), body, persistent())
+                    })
+                    .collect();
+                publish_pipelined(&pch, batch).await;
+                // The acks before these publishes were on the same connection: their dequeue
+                // records are in the rounds these confirms waited for.
+                for t in taken.iter_mut() {
+                    t.clear();
+                }
+            } else {
+                for _ in 0..rand(model[i].len() as u64 + 1) {
+                    let want = model[i].pop_front().expect("counted");
+                    let m = get(&ch, queues[i], false).await.unwrap_or_else(|| {
+                        panic!(
+                            "seed {seed}, start {round}: {} is empty, sm-{} expected",
+                            queues[i],
+                            model_seq(&want)
+                        )
+                    });
+                    assert!(
+                        m.delivery.data == want,
+                        "seed {seed}, start {round}: {} gave sm-{} ({} bytes), sm-{} ({} bytes) expected",
+                        queues[i],
+                        model_seq(&m.delivery.data),
+                        m.delivery.data.len(),
+                        model_seq(&want),
+                        want.len()
+                    );
+                    within("basic.ack", m.delivery.ack(BasicAckOptions::default()))
+                        .await
+                        .expect("ack");
+                    taken[i].push(want);
+                }
+            }
+        }
+        if rand(3) == 0 {
+            kills += 1;
+            bring_down(broker, Down::Kill);
+        } else {
+            // A round trip on the consuming channel: its acks are processed before the stop,
+            // and after a clean stop none of them comes back.
+            let _ = message_count(&conn, queues[1]).await;
+            within("connection.close", conn.close(200, "".into()))
+                .await
+                .expect("close");
+            bring_down(broker, Down::Clean);
+            for t in taken.iter_mut() {
+                t.clear();
+            }
+        }
+    }
+    println!("seed {seed}: {kills} of 16 stops were kill -9; {seq} messages published");
+    assert!(
+        segments(dir.path()).len() > 10,
+        "seed {seed}: the run must have spread over many segments: {:?}",
+        segments(dir.path())
+    );
+    let mut broker = broker_on(dir.path(), &args);
+    {
+        let conn = broker.connect().await;
+        check_depths(&conn, &queues, &mut model, &mut taken, seed, 16).await;
+    }
+    for (i, q) in queues.iter().enumerate() {
+        let got: Vec<Vec<u8>> = {
+            let conn = broker.connect().await;
+            let ch = channel(&conn).await;
+            take_all(&ch, q).await.into_iter().map(|d| d.data).collect()
+        };
+        let want: Vec<Vec<u8>> = model[i].iter().cloned().collect();
+        assert!(
+            got == want,
+            "seed {seed}: {q} holds {:?}, the model {:?}",
+            got.iter().map(|b| model_seq(b)).collect::<Vec<_>>(),
+            want.iter().map(|b| model_seq(b)).collect::<Vec<_>>()
+        );
+    }
+    let reclaimed = eventually(Duration::from_secs(20), || async {
+        segments_size(dir.path()) < 4 * 64 * 1024
+    })
+    .await;
+    assert!(
+        reclaimed,
+        "seed {seed}: with every message taken the segments still take {} bytes: {:?}",
+        segments_size(dir.path()),
+        segments(dir.path())
+    );
+    broker.assert_alive();
 }
