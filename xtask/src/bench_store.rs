@@ -298,6 +298,19 @@ fn fmt_stat(v: &[f64], d: usize) -> String {
     })
 }
 
+/// `median [min–max] (n)` of `us` (microseconds) in milliseconds.
+fn fmt_ms(us: &[f64]) -> String {
+    stat(us).map_or("-".into(), |s| {
+        format!(
+            "{:.2} ms [{:.2}–{:.2}] (n {})",
+            s.median / 1e3,
+            s.min / 1e3,
+            s.max / 1e3,
+            s.n
+        )
+    })
+}
+
 fn median(v: &[f64]) -> Option<f64> {
     stat(v).map(|s| s.median)
 }
@@ -715,17 +728,7 @@ impl StoreEnv<'_> {
                 },
             )?;
             let o99 = runs.of(0, |f| f.confirm_p99_us);
-            let ms = |i: usize, f: Pick| {
-                stat(&runs.of(i, f)).map_or("-".into(), |s| {
-                    format!(
-                        "{:.2} ms [{:.2}–{:.2}] (n {})",
-                        s.median / 1e3,
-                        s.min / 1e3,
-                        s.max / 1e3,
-                        s.n
-                    )
-                })
-            };
+            let ms = |i: usize, f: Pick| fmt_ms(&runs.of(i, f));
             res.row(
                 "qpidd p99 publish-to-confirm (median of runs)",
                 ms(0, |f| f.confirm_p99_us),
@@ -755,18 +758,7 @@ impl StoreEnv<'_> {
                 None,
             );
             res.row(OTHER_CPU_ROW, runs.pair(|f| f.other_cores, 2), "", None);
-            let bare_ms = |f: fn(&DiskLoop) -> f64| {
-                let v: Vec<f64> = bare.iter().map(f).collect();
-                stat(&v).map_or("-".into(), |s| {
-                    format!(
-                        "{:.2} ms [{:.2}–{:.2}] (n {})",
-                        s.median / 1e3,
-                        s.min / 1e3,
-                        s.max / 1e3,
-                        s.n
-                    )
-                })
-            };
+            let bare_ms = |f: fn(&DiskLoop) -> f64| fmt_ms(&bare.iter().map(f).collect::<Vec<_>>());
             res.row(
                 "bare disk at the same rate (write + fdatasync loop after each qpidd run): p99",
                 bare_ms(|d| d.p99_us),
