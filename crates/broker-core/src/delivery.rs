@@ -148,12 +148,12 @@ impl Outbound {
             b.bytes.clear();
             return r;
         }
+        // Counted before the lock is released: a writer that takes these bytes (under the
+        // lock) and reports them written must find them counted.
+        self.pending_bytes.fetch_add(added, Ordering::Relaxed);
         drop(b);
-        if added > 0 {
-            self.pending_bytes.fetch_add(added, Ordering::Relaxed);
-            if before == 0 && !self.defer() {
-                self.notify.notify_one();
-            }
+        if added > 0 && before == 0 && !self.defer() {
+            self.notify.notify_one();
         }
         r
     }
@@ -171,12 +171,11 @@ impl Outbound {
             b.bytes.clear();
             return r;
         }
+        // Counted under the lock, as in `write`.
+        self.pending_bytes.fetch_add(added, Ordering::Relaxed);
         drop(b);
-        if added > 0 {
-            self.pending_bytes.fetch_add(added, Ordering::Relaxed);
-            if before == 0 {
-                self.notify.notify_one();
-            }
+        if added > 0 && before == 0 {
+            self.notify.notify_one();
         }
         r
     }
@@ -634,6 +633,41 @@ mod tests {
             Ok(n)
         }));
         (out, sink)
+    }
+
+    /// Bytes are counted before a writer can take them: a writer thread that takes what is
+    /// queued and reports it written while another thread appends never finds more written
+    /// than counted (an underflow panicked a broker worker in a debug build), and the count is
+    /// zero once all is written.
+    #[test]
+    fn written_bytes_are_never_more_than_the_bytes_counted() {
+        let out = Arc::new(Outbound::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (out, done) = (out.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut spare = Vec::new();
+                let mut total = 0usize;
+                loop {
+                    let finished = done.load(Ordering::Acquire);
+                    spare.clear();
+                    if out.begin_write(&mut spare).is_some() && !spare.is_empty() {
+                        let n = spare.len();
+                        out.end_write();
+                        out.written(n);
+                        total += n;
+                    } else if finished {
+                        return total;
+                    }
+                }
+            })
+        };
+        for _ in 0..200_000 {
+            out.write(|b| b.push(7));
+        }
+        done.store(true, Ordering::Release);
+        assert_eq!(writer.join().expect("the writer thread"), 200_000);
+        assert_eq!(out.pending_bytes(), 0);
     }
 
     #[test]
