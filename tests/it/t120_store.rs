@@ -2241,9 +2241,11 @@ fn model_seq(body: &[u8]) -> String {
 
 /// Four durable queues over 64 KiB segments, sixteen restarts (a third of them kill -9, the rest
 /// clean), and a seeded random mix of confirmed publishes (100 B to 3 KiB, up to 20 at a time)
-/// and acked basic.gets from the heads. `sm.0` is never consumed and gets a batch now and then, so
+/// and acked basic.gets from the heads (half the time all of a queue). `sm.0` is never consumed
+/// and gets one to three messages now and then, so
 /// it pins older segments while the others' consumed segments, whose dequeue records those need,
-/// must go (the records carried forward). At every start
+/// must go (the records carried forward), and sparse segments are compacted (in a third of the
+/// rounds the test waits until the segments are at most about four times what is queued). At every start
 /// each queue holds the model's messages, preceded after a kill by at most the last ones taken
 /// since the last confirm (at-least-once: their dequeue records may not have been written yet),
 /// every message taken is the model's next one, and at the end each queue holds exactly the
@@ -2307,7 +2309,7 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
             t.clear();
         }
     }
-    let mut kills = 0;
+    let (mut kills, mut compactions) = (0, 0);
     for round in 0..16 {
         let broker = broker_on(dir.path(), &args);
         let conn = broker.connect().await;
@@ -2328,7 +2330,8 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
                 1 + rand(3) as usize
             };
             if i == 0 || rand(2) == 0 {
-                let batch: Vec<(String, Vec<u8>, BasicProperties)> = (0..1 + rand(20))
+                let n = if i == 0 { 1 + rand(3) } else { 1 + rand(20) };
+                let batch: Vec<(String, Vec<u8>, BasicProperties)> = (0..n)
                     .map(|_| {
                         seq += 1;
                         let body = model_body(seq, 100 + rand(3_000) as usize);
@@ -2343,7 +2346,10 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
                     t.clear();
                 }
             } else {
-                for _ in 0..rand(model[i].len() as u64 + 1) {
+                // Often all of it, so that what stays queued is mostly sm.0's few messages.
+                let len = model[i].len() as u64;
+                let take = if rand(2) == 0 { len } else { rand(len + 1) };
+                for _ in 0..take {
                     let want = model[i].pop_front().expect("counted");
                     let m = get(&ch, queues[i], false).await.unwrap_or_else(|| {
                         panic!(
@@ -2369,6 +2375,24 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
             }
         }
         if rand(3) == 0 {
+            // Compaction: once the sparse segments have been sparse for two seconds, their
+            // messages are written again and the segments go, so the segments end up at most
+            // about four times what is queued (plus the current and next ones).
+            let queued: u64 = model.iter().flatten().map(|b| b.len() as u64 + 64).sum();
+            let bound = 4 * queued + 6 * 64 * 1024;
+            let compacted = eventually(Duration::from_secs(15), || async {
+                segments_size(dir.path()) <= bound
+            })
+            .await;
+            assert!(
+                compacted,
+                "seed {seed}, start {round}: {} bytes of segments for {queued} bytes queued: {:?}",
+                segments_size(dir.path()),
+                segments(dir.path())
+            );
+            compactions += 1;
+        }
+        if rand(3) == 0 {
             kills += 1;
             bring_down(broker, Down::Kill);
         } else {
@@ -2384,7 +2408,9 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
             }
         }
     }
-    println!("seed {seed}: {kills} of 16 stops were kill -9; {seq} messages published");
+    println!(
+        "seed {seed}: {kills} of 16 stops were kill -9, {compactions} rounds waited for compaction; {seq} messages published"
+    );
     assert!(
         segments(dir.path()).len() > 10,
         "seed {seed}: the run must have spread over many segments: {:?}",
@@ -2420,4 +2446,83 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
         segments(dir.path())
     );
     broker.assert_alive();
+}
+
+/// Compaction (store.md section 4): with 64 KiB segments, a durable queue that gets one
+/// persistent message while about 80 KiB go through another queue, thirty times, would keep one
+/// segment per message; its messages are written again to the current segment instead, so the
+/// segments shrink to a few while the broker runs. After a kill -9 and after a clean restart the
+/// queue holds exactly its thirty messages, in order, and the busy queue nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rarely_used_queue_does_not_keep_a_segment_per_message() {
+    let dir = TempDir::new("store-compact");
+    let args = ["--store-segment-size", "64KiB"];
+    let broker = broker_on(dir.path(), &args);
+    let conn = broker.connect().await;
+    let pch = confirming(&conn).await;
+    let ch = channel(&conn).await;
+    declare_durable(&pch, "st.rare", FieldTable::default()).await;
+    declare_durable(&pch, "st.busy", FieldTable::default()).await;
+    let rare: Vec<String> = (0..30).map(|i| format!("rare-{i}")).collect();
+    for body in &rare {
+        publish_confirmed(&pch, "", "st.rare", body.as_bytes(), persistent()).await;
+        let busy = (0..40)
+            .map(|i| ("st.busy".to_string(), pattern(2_000, i), persistent()))
+            .collect();
+        publish_pipelined(&pch, busy).await;
+        assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+    }
+    let compacted = eventually(Duration::from_secs(20), || async {
+        segments_size(dir.path()) < 8 * 64 * 1024
+    })
+    .await;
+    assert!(
+        compacted,
+        "30 messages on a quiet queue still keep {} bytes of segments: {:?}",
+        segments_size(dir.path()),
+        segments(dir.path())
+    );
+    bring_down(broker, Down::Kill);
+    drop(conn);
+    for _ in 0..2 {
+        let broker = broker_on(dir.path(), &args);
+        assert_eq!(drain_bodies_kept(&broker, "st.rare").await, rare);
+        let conn = broker.connect().await;
+        assert_eq!(
+            count(&conn, "st.busy").await,
+            0,
+            "consumed messages came back"
+        );
+        drop(conn);
+        bring_down(broker, Down::Clean);
+    }
+}
+
+/// The bodies of `queue`, read with basic.get and put back (rejected with requeue), so that
+/// they stay queued.
+async fn drain_bodies_kept(broker: &TestBroker, queue: &str) -> Vec<String> {
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let mut got = Vec::new();
+    let mut tags = Vec::new();
+    while let Some(m) = get(&ch, queue, false).await {
+        got.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        tags.push(m.delivery.delivery_tag);
+    }
+    within(
+        "basic.nack",
+        ch.basic_nack(
+            tags.last().copied().unwrap_or(0),
+            lapin::options::BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        ),
+    )
+    .await
+    .expect("nack");
+    within("connection.close", conn.close(200, "".into()))
+        .await
+        .expect("close");
+    got
 }

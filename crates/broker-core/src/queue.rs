@@ -400,6 +400,22 @@ impl Queue {
         st.observers.retain(|o| !o.retired());
     }
 
+    /// Calls `f` with every ready message whose id is in `lo..hi`, in id order within each
+    /// priority level, under the queue's lock: no enqueue or dequeue of this queue runs
+    /// meanwhile (the store moves messages between its segments this way).
+    pub fn for_each_ready_in(&self, lo: u64, hi: u64, mut f: impl FnMut(&QueuedMessage)) {
+        let st = self.state.lock();
+        for level in &st.ready.levels {
+            let from = level.partition_point(|e| e.id < lo);
+            for e in level.range(from..) {
+                if e.id >= hi {
+                    break;
+                }
+                f(e);
+            }
+        }
+    }
+
     // ---- the replica side ----------------------------------------------------------------
 
     /// Marks the queue a replica of `original` (a description such as `'q' on host:port`), or

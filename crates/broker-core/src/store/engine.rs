@@ -49,6 +49,17 @@ pub const CONFIG_FILE: &str = "config.jnl";
 const RETRY: Duration = Duration::from_millis(100);
 /// The configuration journal is compacted past this size (and twice its last snapshot).
 const CONFIG_COMPACT_BYTES: u64 = 1 << 20;
+/// A segment (older than the one before the current) whose live enqueue records take at most
+/// 1/`COMPACT_FRACTION` of `--store-segment-size` has its ready messages written again to the
+/// current segment, so that it can go (section 4, "Compaction").
+const COMPACT_FRACTION: u64 = 4;
+/// How often the writer looks for such a segment...
+const COMPACT_EVERY: Duration = Duration::from_millis(100);
+/// ...that has been that sparse for this long (a segment a consumer is still working through
+/// empties by itself, and copying its last messages would be wasted writes)...
+const COMPACT_AGE: Duration = Duration::from_secs(2);
+/// ...and how long it leaves one it could not empty (its unacknowledged messages stay).
+const COMPACT_RETRY: Duration = Duration::from_secs(5);
 
 /// What the operator chose (`--store-*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,10 +127,13 @@ struct ConfigJournal {
     snapshot_len: u64,
 }
 
+/// A durable queue and its journal, as the writer holds them.
+type DurableQueue = (Weak<Queue>, Weak<QueueJournal>);
+
 /// What the message writer shares with the queues' observers.
 struct Shared {
-    /// The durable queues by store key, for the next-ids records.
-    durable: Mutex<HashMap<u64, Weak<Queue>>>,
+    /// The durable queues by store key, with their journals (next-ids records, compaction).
+    durable: Mutex<HashMap<u64, DurableQueue>>,
     dir: PathBuf,
     segment_size: u64,
     pending: Mutex<Pending>,
@@ -142,8 +156,9 @@ struct Pending {
     /// The segment new records go to, and its size with them.
     segment: u64,
     segment_len: u64,
-    /// Per segment, the enqueue records whose message is still queued.
+    /// Per segment, the enqueue records whose message is still queued, and their bytes.
     live: BTreeMap<u64, u64>,
+    live_bytes: HashMap<u64, u64>,
     /// Per segment, the later segments holding dequeue records of its enqueues: while it
     /// exists, they are needed (a dequeue record is what keeps its message from coming back).
     dependents: HashMap<u64, BTreeSet<u64>>,
@@ -166,6 +181,22 @@ impl Pending {
                 b.clear();
                 self.spare.push(b);
             }
+        }
+    }
+
+    /// One more live enqueue record of `len` bytes in `seg`.
+    fn add_live(&mut self, seg: u64, len: usize) {
+        *self.live.entry(seg).or_default() += 1;
+        *self.live_bytes.entry(seg).or_default() += len as u64;
+    }
+
+    /// One live enqueue record of `len` bytes less in `seg`.
+    fn sub_live(&mut self, seg: u64, len: usize) {
+        if let Some(n) = self.live.get_mut(&seg) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(b) = self.live_bytes.get_mut(&seg) {
+            *b = b.saturating_sub(len as u64);
         }
     }
 
@@ -547,13 +578,16 @@ impl Store {
 
     /// Attaches the message journal to a durable queue.
     fn attach(&self, q: &Arc<Queue>, key: u64) -> Arc<QueueJournal> {
-        self.shared.durable.lock().insert(key, Arc::downgrade(q));
         let j = Arc::new(QueueJournal {
             shared: Arc::downgrade(&self.shared),
             key,
             wall_base_ms: self.wall_base_ms,
             state: Mutex::new(QueueJournalState::default()),
         });
+        self.shared
+            .durable
+            .lock()
+            .insert(key, (Arc::downgrade(q), Arc::downgrade(&j)));
         q.add_observer(j.clone());
         j
     }
@@ -632,16 +666,16 @@ impl Store {
                 } else {
                     now.saturating_add(m.expires - wall_now)
                 };
-                placed.push((id, m.segment));
+                placed.push((id, m.segment, enqueue_record_len(&m.message)));
                 queue.restore(id, m.message, expires_at_ms);
                 restored += 1;
             }
             // Not under the queue's lock (the order everywhere else is queue, then these).
             let mut st = j.state.lock();
             let mut p = self.shared.pending.lock();
-            for (id, seg) in placed {
+            for (id, seg, len) in placed {
                 st.note(id, seg);
-                *p.live.entry(seg).or_default() += 1;
+                p.add_live(seg, len);
             }
         }
         let mut bindings = 0;
@@ -733,12 +767,99 @@ impl QueueJournalState {
         }
     }
 
+    /// The segment of `id`'s enqueue record, forgotten if it was kept one by one (a dequeue
+    /// looks it up once).
     fn segment_of(&mut self, id: u64) -> Option<u64> {
         if let Some(s) = self.out_of_order.remove(&id) {
             return Some(s);
         }
+        self.peek(id)
+    }
+
+    /// The segment of `id`'s enqueue record.
+    fn peek(&self, id: u64) -> Option<u64> {
+        if let Some(&s) = self.out_of_order.get(&id) {
+            return Some(s);
+        }
         let at = self.bounds.partition_point(|&(first, _)| first <= id);
         self.bounds.get(at.checked_sub(1)?).map(|&(_, s)| s)
+    }
+
+    /// The id ranges `lo..hi` that may have records in `segment`: those of its bounds, and
+    /// one per id kept one by one there.
+    fn ranges_in(&self, segment: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .bounds
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.1 == segment)
+            .map(|(i, b)| (b.0, self.bounds.get(i + 1).map_or(u64::MAX, |n| n.0)))
+            .collect();
+        out.extend(
+            self.out_of_order
+                .iter()
+                .filter(|&(_, &s)| s == segment)
+                .map(|(&id, _)| (id, id + 1)),
+        );
+        out
+    }
+}
+
+/// The length of a message's enqueue record.
+fn enqueue_record_len(message: &Message) -> usize {
+    RECORD_OVERHEAD + 1 + 30 + message.layout().3.len()
+}
+
+impl QueueJournal {
+    /// Writes the enqueue record of `entry` (section 2).
+    fn enqueue_record<'a>(&'a self, entry: &'a QueuedMessage) -> impl FnOnce(&mut Vec<u8>) + 'a {
+        move |out| {
+            let expires = if entry.expires_at_ms == u64::MAX {
+                0
+            } else {
+                self.wall_base_ms.saturating_add(entry.expires_at_ms)
+            };
+            let (exchange_len, routing_key_len, properties_len, data) = entry.message.layout();
+            journal::append_record(out, REC_ENQUEUE, |o| {
+                o.extend_from_slice(&self.key.to_le_bytes());
+                o.extend_from_slice(&entry.id.to_le_bytes());
+                o.extend_from_slice(&expires.to_le_bytes());
+                o.push(exchange_len);
+                o.push(routing_key_len);
+                o.extend_from_slice(&properties_len.to_le_bytes());
+                o.extend_from_slice(data);
+            })
+        }
+    }
+
+    /// Compaction: writes the enqueue record of every ready persistent message of `queue`
+    /// whose record is in segment `from` again, to the current segment, under the queue's lock
+    /// (so no dequeue of it can come between), and counts it there from now on. The current
+    /// segment is kept while `from` exists (at recovery the newer record of an id replaces the
+    /// older one, and the older one must never be read without it). Returns how many moved.
+    fn relocate(&self, queue: &Queue, shared: &Shared, from: u64) -> usize {
+        let ranges = self.state.lock().ranges_in(from);
+        let mut moved = 0;
+        for (lo, hi) in ranges {
+            queue.for_each_ready_in(lo, hi, |entry| {
+                if !entry.message.persistent() {
+                    return;
+                }
+                let mut st = self.state.lock();
+                if st.peek(entry.id) != Some(from) {
+                    return;
+                }
+                let len = enqueue_record_len(&entry.message);
+                let to = shared.push(len, self.enqueue_record(entry), |p, to| {
+                    p.sub_live(from, len);
+                    p.add_live(to, len);
+                    p.depends(from, to);
+                });
+                st.out_of_order.insert(entry.id, to);
+                moved += 1;
+            });
+        }
+        moved
     }
 }
 
@@ -750,26 +871,9 @@ impl QueueObserver for QueueJournal {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        let expires = if entry.expires_at_ms == u64::MAX {
-            0
-        } else {
-            self.wall_base_ms.saturating_add(entry.expires_at_ms)
-        };
-        let (exchange_len, routing_key_len, properties_len, data) = entry.message.layout();
-        let record_len = RECORD_OVERHEAD + 1 + 30 + data.len();
-        let write = |out: &mut Vec<u8>| {
-            journal::append_record(out, REC_ENQUEUE, |o| {
-                o.extend_from_slice(&self.key.to_le_bytes());
-                o.extend_from_slice(&entry.id.to_le_bytes());
-                o.extend_from_slice(&expires.to_le_bytes());
-                o.push(exchange_len);
-                o.push(routing_key_len);
-                o.extend_from_slice(&properties_len.to_le_bytes());
-                o.extend_from_slice(data);
-            })
-        };
-        let seg = shared.push(record_len, write, |p, seg| {
-            *p.live.entry(seg).or_default() += 1;
+        let record_len = enqueue_record_len(&entry.message);
+        let seg = shared.push(record_len, self.enqueue_record(entry), |p, seg| {
+            p.add_live(seg, record_len);
             if let Some(c) = confirm {
                 p.holds.push(c.hold());
             }
@@ -791,13 +895,12 @@ impl QueueObserver for QueueJournal {
             return;
         };
         let seg = self.state.lock().segment_of(entry.id);
+        let len = enqueue_record_len(&entry.message);
         // Its enqueue's segment has one live message less; a dequeue record written in a later
         // segment is needed while that segment exists. One lock for both.
         let settle = |p: &mut Pending, at: Option<u64>| {
             if let Some(seg) = seg {
-                if let Some(n) = p.live.get_mut(&seg) {
-                    *n = n.saturating_sub(1);
-                }
+                p.sub_live(seg, len);
                 if let Some(at) = at {
                     p.depends(seg, at);
                 }
@@ -950,10 +1053,14 @@ fn write_loop(shared: &Shared, first: u64) {
     let mut ids = NextIds::default();
     let mut doomed: Vec<u64> = Vec::new();
     let mut carried: HashSet<u64> = HashSet::new();
+    let mut compactor = Compactor::default();
     loop {
         if ids.last.elapsed() >= NEXT_IDS_INTERVAL {
             ids.record(shared, false);
         }
+        // Before a round (and at least each second when idle): the copies go into it, and the
+        // segments they empty are found after it and deleted after the next one.
+        compactor.run(shared);
         let (chunks, holds, waiters) = {
             let mut p = shared.pending.lock();
             while p.chunks.is_empty() && !shared.stop.load(Ordering::Acquire) {
@@ -1109,6 +1216,7 @@ fn reclaim(shared: &Shared) -> Vec<u64> {
             continue;
         }
         p.live.remove(&seg);
+        p.live_bytes.remove(&seg);
         p.needed_by.remove(&seg);
         for later in p.dependents.remove(&seg).unwrap_or_default() {
             if let Some(n) = p.needed_by.get_mut(&later) {
@@ -1144,7 +1252,7 @@ impl NextIds {
             .durable
             .lock()
             .iter()
-            .filter_map(|(k, q)| q.upgrade().map(|q| (*k, q)))
+            .filter_map(|(k, (q, _))| q.upgrade().map(|q| (*k, q)))
             .collect();
         let mut pairs = Vec::new();
         for (key, q) in queues {
@@ -1225,6 +1333,99 @@ fn carry_dequeues_forward(shared: &Shared, carried: &mut HashSet<u64>) {
             },
         );
         tracing::debug!(target: "Store", "Store: carried the dequeue records of {} forward", path.display());
+    }
+}
+
+/// Compaction (section 4): a segment whose few live messages would otherwise keep it whole.
+struct Compactor {
+    last: Instant,
+    /// Since when each segment has been sparse enough.
+    sparse_since: HashMap<u64, Instant>,
+    /// Segments tried, and when: one that kept unacknowledged messages is left for a while.
+    tried: HashMap<u64, Instant>,
+}
+
+impl Default for Compactor {
+    fn default() -> Self {
+        Compactor {
+            last: Instant::now(),
+            sparse_since: HashMap::new(),
+            tried: HashMap::new(),
+        }
+    }
+}
+
+impl Compactor {
+    /// At most every `COMPACT_EVERY`: the segments older than the one before the current
+    /// whose live records have taken at most 1/`COMPACT_FRACTION` of a segment for
+    /// `COMPACT_AGE`, oldest first and
+    /// about one segment's worth of records at most, have their ready messages written again
+    /// to the current segment. Each is then deleted like any other segment without live
+    /// messages, after a round that synced the copies (`reclaim` runs after the round that
+    /// writes them, and what it finds goes after the next one).
+    fn run(&mut self, shared: &Shared) {
+        if self.last.elapsed() < COMPACT_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let chosen: Vec<u64> = {
+            let p = shared.pending.lock();
+            self.tried.retain(|seg, _| p.live.contains_key(seg));
+            let sparse = |seg: u64, live: u64| {
+                live > 0
+                    && seg + 2 <= p.segment
+                    && p.live_bytes.get(&seg).copied().unwrap_or(0) * COMPACT_FRACTION
+                        <= shared.segment_size
+            };
+            self.sparse_since
+                .retain(|seg, _| p.live.get(seg).is_some_and(|&live| sparse(*seg, live)));
+            let mut budget = shared.segment_size;
+            let mut chosen = Vec::new();
+            for (&seg, &live) in &p.live {
+                if !sparse(seg, live) {
+                    continue;
+                }
+                let bytes = p.live_bytes.get(&seg).copied().unwrap_or(0);
+                if self
+                    .sparse_since
+                    .entry(seg)
+                    .or_insert_with(Instant::now)
+                    .elapsed()
+                    < COMPACT_AGE
+                    || self
+                        .tried
+                        .get(&seg)
+                        .is_some_and(|t| t.elapsed() < COMPACT_RETRY)
+                {
+                    continue;
+                }
+                if bytes > budget && !chosen.is_empty() {
+                    break;
+                }
+                budget = budget.saturating_sub(bytes);
+                chosen.push(seg);
+            }
+            chosen
+        };
+        if chosen.is_empty() {
+            return;
+        }
+        let journals: Vec<(Arc<Queue>, Arc<QueueJournal>)> = shared
+            .durable
+            .lock()
+            .values()
+            .filter_map(|(q, j)| Some((q.upgrade()?, j.upgrade()?)))
+            .collect();
+        for from in chosen {
+            self.tried.insert(from, Instant::now());
+            let moved: usize = journals
+                .iter()
+                .map(|(q, j)| j.relocate(q, shared, from))
+                .sum();
+            if moved > 0 {
+                tracing::debug!(target: "Store", "Store: compaction wrote the {moved} ready messages of {} again", segment_name(from));
+            }
+        }
     }
 }
 
@@ -1500,14 +1701,19 @@ fn read_messages(
                         let props = rd.take(props_len)?;
                         let message = Message::new(exchange, routing_key, props, rd.0)
                             .map_err(|e| format!("bad message properties: {e}"))?;
-                        by_key.entry(key).or_default().insert(
+                        // A record written again by compaction replaces the older one, whose
+                        // segment keeps this one while it exists (as a dequeue record would).
+                        if let Some(older) = by_key.entry(key).or_default().insert(
                             id,
                             RecoveredMessage {
                                 message,
                                 expires,
                                 segment: n,
                             },
-                        );
+                        ) && older.segment < n
+                        {
+                            dependents.entry(older.segment).or_default().insert(n);
+                        }
                     }
                     REC_DEQUEUE => {
                         let key = rd.u64()?;
@@ -1564,6 +1770,28 @@ mod tests {
         assert_eq!(s.segment_of(10), Some(7));
         assert_eq!(s.segment_of(4), Some(8));
         assert_eq!(s.segment_of(4), Some(6), "remembered once");
+    }
+
+    #[test]
+    fn a_segments_id_ranges_cover_its_bounds_and_its_single_ids() {
+        let mut s = QueueJournalState::default();
+        s.note(1, 5);
+        s.note(3, 6);
+        s.note(7, 5); // after a recovery of compacted records, a segment can come back
+        s.note(2, 9); // out of order
+        let mut in5 = s.ranges_in(5);
+        in5.sort_unstable();
+        assert_eq!(in5, vec![(1, 3), (7, u64::MAX)]);
+        assert_eq!(s.ranges_in(6), vec![(3, 7)]);
+        assert_eq!(s.ranges_in(9), vec![(2, 3)]);
+        assert!(s.ranges_in(4).is_empty());
+        // Compaction points an id at a new segment: peek does not forget it, a dequeue does.
+        s.out_of_order.insert(8, 12);
+        assert_eq!(s.peek(8), Some(12));
+        assert_eq!(s.peek(8), Some(12));
+        assert_eq!(s.ranges_in(12), vec![(8, 9)]);
+        assert_eq!(s.segment_of(8), Some(12));
+        assert_eq!(s.peek(8), Some(5));
     }
 
     #[test]
