@@ -162,6 +162,10 @@ struct Pending {
     /// Per segment, the later segments holding dequeue records of its enqueues: while it
     /// exists, they are needed (a dequeue record is what keeps its message from coming back).
     dependents: HashMap<u64, BTreeSet<u64>>,
+    /// Per segment, the older segments whose enqueue records of some messages its compaction
+    /// copies replace: while any of those exists, it is kept (not deleted, its dequeue records
+    /// not carried forward), or the older record would be read without the newer one.
+    copies_from: HashMap<u64, BTreeSet<u64>>,
     /// Per segment, how many older segments still exist that its dequeue records refer to.
     needed_by: HashMap<u64, u64>,
     /// Buffers of written rounds, emptied, for the next rounds: a fresh buffer per round
@@ -198,6 +202,13 @@ impl Pending {
         if let Some(b) = self.live_bytes.get_mut(&seg) {
             *b = b.saturating_sub(len as u64);
         }
+    }
+
+    /// True while `seg` holds compaction copies of records in a segment that still exists.
+    fn holds_needed_copies(&self, seg: u64) -> bool {
+        self.copies_from
+            .get(&seg)
+            .is_some_and(|from| from.iter().any(|s| self.live.contains_key(s)))
     }
 
     /// A dequeue record in segment `at` for an enqueue in segment `of`.
@@ -307,6 +318,7 @@ impl Store {
                     p.depends(of, at);
                 }
             }
+            p.copies_from = messages.copies_from.clone();
             p.live.insert(last_segment + 1, 0);
         }
         let mut config = open_config_file(&dir)?;
@@ -853,7 +865,9 @@ impl QueueJournal {
                 let to = shared.push(len, self.enqueue_record(entry), |p, to| {
                     p.sub_live(from, len);
                     p.add_live(to, len);
-                    p.depends(from, to);
+                    if from < to {
+                        p.copies_from.entry(to).or_default().insert(from);
+                    }
                 });
                 st.out_of_order.insert(entry.id, to);
                 moved += 1;
@@ -1211,6 +1225,7 @@ fn reclaim(shared: &Shared) -> Vec<u64> {
     // Oldest first: deleting a segment can free the later ones that only it needed.
     for seg in candidates {
         if p.needed_by.get(&seg).copied().unwrap_or(0) > 0
+            || p.holds_needed_copies(seg)
             || p.chunks.iter().any(|(s, _)| *s == seg)
         {
             continue;
@@ -1218,6 +1233,7 @@ fn reclaim(shared: &Shared) -> Vec<u64> {
         p.live.remove(&seg);
         p.live_bytes.remove(&seg);
         p.needed_by.remove(&seg);
+        p.copies_from.remove(&seg);
         for later in p.dependents.remove(&seg).unwrap_or_default() {
             if let Some(n) = p.needed_by.get_mut(&later) {
                 *n = n.saturating_sub(1);
@@ -1289,6 +1305,7 @@ fn carry_dequeues_forward(shared: &Shared, carried: &mut HashSet<u64>) {
                 live == 0
                     && seg + 1 < p.segment
                     && p.needed_by.get(&seg).copied().unwrap_or(0) > 0
+                    && !p.holds_needed_copies(seg)
                     && !carried.contains(&seg)
                     && !p.chunks.iter().any(|(s, _)| *s == seg)
             })
@@ -1624,6 +1641,8 @@ struct Recovered {
     segments: Vec<u64>,
     /// Per segment, the later segments with dequeue records of its enqueues.
     dependents: BTreeMap<u64, BTreeSet<u64>>,
+    /// Per segment, the older segments whose records of some ids its records replace.
+    copies_from: HashMap<u64, BTreeSet<u64>>,
 }
 
 fn read_messages(
@@ -1669,6 +1688,7 @@ fn read_messages(
         let by_key = &mut out.by_key;
         let highest = &mut out.highest;
         let dependents = &mut out.dependents;
+        let copies_from = &mut out.copies_from;
         let mut saw = |key: u64, id: u64| {
             let h = highest.entry(key).or_insert(0);
             *h = (*h).max(id);
@@ -1701,8 +1721,8 @@ fn read_messages(
                         let props = rd.take(props_len)?;
                         let message = Message::new(exchange, routing_key, props, rd.0)
                             .map_err(|e| format!("bad message properties: {e}"))?;
-                        // A record written again by compaction replaces the older one, whose
-                        // segment keeps this one while it exists (as a dequeue record would).
+                        // A record written again by compaction replaces the older one; this
+                        // segment is kept while that one exists.
                         if let Some(older) = by_key.entry(key).or_default().insert(
                             id,
                             RecoveredMessage {
@@ -1712,7 +1732,7 @@ fn read_messages(
                             },
                         ) && older.segment < n
                         {
-                            dependents.entry(older.segment).or_default().insert(n);
+                            copies_from.entry(n).or_default().insert(older.segment);
                         }
                     }
                     REC_DEQUEUE => {
