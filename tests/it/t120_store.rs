@@ -2594,7 +2594,10 @@ async fn a_kill_during_compaction_loses_and_revives_nothing() {
 fn segments_holding(data: &Path, needle: &[u8]) -> Vec<u64> {
     segments(data)
         .into_iter()
-        .filter(|(_, p)| read(p).windows(needle.len()).any(|w| w == needle))
+        // A segment may be deleted between the listing and the read.
+        .filter(|(_, p)| {
+            std::fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
         .map(|(n, _)| n)
         .collect()
 }
@@ -2681,4 +2684,89 @@ async fn a_compacted_and_consumed_message_stays_consumed_while_its_old_segment_i
         "a consumed message came back from its old segment"
     );
     assert_eq!(drain_bodies(&broker, "st.hold").await, vec!["held-unacked"]);
+}
+
+/// While an unacknowledged message keeps a compacted segment, the segment holding the copies
+/// of its other messages is kept too, and it is not compacted again (each pass would add one
+/// more kept segment): a later sparse segment is compacted meanwhile, but the copy is still in
+/// exactly two segments. Once the message is acknowledged, the old segments go.
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_kept_for_a_pinned_segment_are_not_copied_again() {
+    let dir = TempDir::new("store-compact-pinned");
+    let args = ["--store-segment-size", "64KiB"];
+    let broker = broker_on(dir.path(), &args);
+    let conn = broker.connect().await;
+    let pch = confirming(&conn).await;
+    for q in ["st.hold", "st.moved", "st.other", "st.busy"] {
+        declare_durable(&pch, q, FieldTable::default()).await;
+    }
+    let moved_body = b"moved-message-0123456789abcdef".to_vec();
+    let other_body = b"other-message-fedcba9876543210".to_vec();
+    publish_confirmed(&pch, "", "st.hold", b"held-unacked", persistent()).await;
+    publish_confirmed(&pch, "", "st.moved", &moved_body, persistent()).await;
+    let hold_conn = broker.connect().await;
+    let hold_ch = channel(&hold_conn).await;
+    let held = get(&hold_ch, "st.hold", false)
+        .await
+        .expect("the held message");
+    let ch = channel(&conn).await;
+    let traffic = || async {
+        for _ in 0..4 {
+            let busy = (0..40)
+                .map(|j| ("st.busy".to_string(), pattern(2_000, j), persistent()))
+                .collect();
+            publish_pipelined(&pch, busy).await;
+            assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+        }
+    };
+    traffic().await;
+    let copied = eventually(Duration::from_secs(20), || async {
+        segments_holding(dir.path(), &moved_body).len() == 2
+    })
+    .await;
+    assert!(copied, "the moved message was not written again");
+    // The copy's segment falls behind; then another sparse segment, compacted in its turn.
+    traffic().await;
+    publish_confirmed(&pch, "", "st.other", &other_body, persistent()).await;
+    let other_first = segments_holding(dir.path(), &other_body);
+    assert_eq!(other_first.len(), 1);
+    traffic().await;
+    // Its copy is in a newer segment (its old one, with nothing else live, then goes).
+    let other_copied = eventually(Duration::from_secs(20), || async {
+        segments_holding(dir.path(), &other_body)
+            .iter()
+            .any(|&s| s > other_first[0])
+    })
+    .await;
+    assert!(
+        other_copied,
+        "the later sparse segment was not compacted: other in {:?}, moved in {:?}, all {:?}",
+        segments_holding(dir.path(), &other_body),
+        segments_holding(dir.path(), &moved_body),
+        segments(dir.path()).iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        segments_holding(dir.path(), &moved_body).len(),
+        2,
+        "a copy kept for a pinned segment was copied again: {:?}",
+        segments(dir.path())
+    );
+    // Acknowledged: the pinned segment goes, then the copies' segment is compacted like any.
+    within("basic.ack", held.delivery.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    traffic().await;
+    let freed = eventually(Duration::from_secs(20), || async {
+        segments_holding(dir.path(), &moved_body).len() == 1
+            && segments_holding(dir.path(), &other_body).len() == 1
+    })
+    .await;
+    assert!(
+        freed,
+        "after the ack the old copies stay: moved in {:?}, other in {:?}",
+        segments_holding(dir.path(), &moved_body),
+        segments_holding(dir.path(), &other_body)
+    );
+    assert_eq!(drain_bodies(&broker, "st.moved").await.len(), 1);
+    assert_eq!(drain_bodies(&broker, "st.other").await.len(), 1);
 }

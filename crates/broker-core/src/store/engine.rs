@@ -1388,11 +1388,15 @@ impl Compactor {
         let chosen: Vec<u64> = {
             let p = shared.pending.lock();
             self.tried.retain(|seg, _| p.live.contains_key(seg));
+            // A segment kept for the copies it holds (their originals' segment is pinned by an
+            // unacknowledged message) would stay anyway: copying its messages again would only
+            // add one more kept segment each time.
             let sparse = |seg: u64, live: u64| {
                 live > 0
                     && seg + 2 <= p.segment
                     && p.live_bytes.get(&seg).copied().unwrap_or(0) * COMPACT_FRACTION
                         <= shared.segment_size
+                    && !p.holds_needed_copies(seg)
             };
             self.sparse_since
                 .retain(|seg, _| p.live.get(seg).is_some_and(|&live| sparse(*seg, live)));
