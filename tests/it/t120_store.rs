@@ -2449,6 +2449,16 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
     broker.assert_alive();
 }
 
+/// 40 persistent messages of 2,000 bytes (about 80 KiB) through the durable queue `st.busy`:
+/// published with confirms on `pch`, then all taken (no-ack basic.get) on `ch`.
+async fn busy_round(pch: &Channel, ch: &Channel) {
+    let busy = (0..40)
+        .map(|j| ("st.busy".to_string(), pattern(2_000, j), persistent()))
+        .collect();
+    publish_pipelined(pch, busy).await;
+    assert_eq!(take_all(ch, "st.busy").await.len(), 40);
+}
+
 /// Compaction (store.md section 4): with 64 KiB segments, a durable queue that gets one
 /// persistent message while about 80 KiB go through another queue, thirty times, would keep one
 /// segment per message; its messages are written again to the current segment instead, so the
@@ -2467,11 +2477,7 @@ async fn a_rarely_used_queue_does_not_keep_a_segment_per_message() {
     let rare: Vec<String> = (0..30).map(|i| format!("rare-{i}")).collect();
     for body in &rare {
         publish_confirmed(&pch, "", "st.rare", body.as_bytes(), persistent()).await;
-        let busy = (0..40)
-            .map(|i| ("st.busy".to_string(), pattern(2_000, i), persistent()))
-            .collect();
-        publish_pipelined(&pch, busy).await;
-        assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+        busy_round(&pch, &ch).await;
     }
     let compacted = eventually(Duration::from_secs(20), || async {
         segments_size(dir.path()) < 8 * 64 * 1024
@@ -2568,11 +2574,7 @@ async fn a_kill_during_compaction_loses_and_revives_nothing() {
             let body = format!("rare-{round}-{i}");
             publish_confirmed(&pch, "", "st.rare", body.as_bytes(), persistent()).await;
             rare.push(body);
-            let busy = (0..40)
-                .map(|j| ("st.busy".to_string(), pattern(2_000, j), persistent()))
-                .collect();
-            publish_pipelined(&pch, busy).await;
-            assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+            busy_round(&pch, &ch).await;
         }
         // The busy queue's dequeues go to disk with this confirm (same connection, in order).
         publish_confirmed(&pch, "", "st.mark", b"mark", persistent()).await;
@@ -2629,14 +2631,8 @@ async fn a_compacted_and_consumed_message_stays_consumed_while_its_old_segment_i
         .expect("the held message");
     assert_eq!(held.delivery.data, b"held-unacked");
     let ch = channel(&conn).await;
-    let busy = |n: u32| {
-        (0..n)
-            .map(|j| ("st.busy".to_string(), pattern(2_000, j), persistent()))
-            .collect::<Vec<_>>()
-    };
     for _ in 0..4 {
-        publish_pipelined(&pch, busy(40)).await;
-        assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+        busy_round(&pch, &ch).await;
     }
     // Compaction writes the message again to a newer segment; the old one stays (the held
     // message is in it).
@@ -2660,8 +2656,7 @@ async fn a_compacted_and_consumed_message_stays_consumed_while_its_old_segment_i
         .await
         .expect("ack");
     for _ in 0..10 {
-        publish_pipelined(&pch, busy(40)).await;
-        assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+        busy_round(&pch, &ch).await;
     }
     assert!(
         segments(dir.path()).iter().any(|(n, _)| *n == first[0]),
@@ -2712,11 +2707,7 @@ async fn copies_kept_for_a_pinned_segment_are_not_copied_again() {
     let ch = channel(&conn).await;
     let traffic = || async {
         for _ in 0..4 {
-            let busy = (0..40)
-                .map(|j| ("st.busy".to_string(), pattern(2_000, j), persistent()))
-                .collect();
-            publish_pipelined(&pch, busy).await;
-            assert_eq!(take_all(&ch, "st.busy").await.len(), 40);
+            busy_round(&pch, &ch).await;
         }
     };
     traffic().await;
