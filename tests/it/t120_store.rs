@@ -18,7 +18,7 @@ use integration_tests::{
     REPLY_DEADLINE, TempDir, TestBroker, amqp_code, channel, eventually, expect_code, get,
     message_count, queue_exists, run_qpidd, table, try_declare, wait_until, within, within_for,
 };
-use integration_tests::{confirming, declare_durable, persistent, publish};
+use integration_tests::{SplitMix, confirming, declare_durable, persistent, publish};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -2263,13 +2263,8 @@ async fn many_queues_over_small_segments_hold_exactly_what_was_confirmed_and_not
                 .map_or(1, |d| d.as_nanos() as u64 | 1)
         });
     println!("store model seed {seed} (STORE_MODEL_SEED={seed} replays it)");
-    let mut state = seed;
-    let mut rand = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n.max(1)
-    };
+    let mut rng = SplitMix(seed);
+    let mut rand = move |n: u64| rng.range(0, n.max(1));
     let dir = TempDir::new("store-model");
     let queues = ["sm.0", "sm.1", "sm.2", "sm.3"];
     type Model = Vec<std::collections::VecDeque<Vec<u8>>>;
@@ -2546,6 +2541,7 @@ async fn a_kill_during_compaction_loses_and_revives_nothing() {
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     println!("compaction kill seed {seed}");
+    let mut rng = SplitMix(seed);
     let dir = TempDir::new("store-compact-kill");
     let args = ["--store-segment-size", "64KiB"];
     let mut rare: Vec<String> = Vec::new();
@@ -2578,7 +2574,7 @@ async fn a_kill_during_compaction_loses_and_revives_nothing() {
         }
         // The busy queue's dequeues go to disk with this confirm (same connection, in order).
         publish_confirmed(&pch, "", "st.mark", b"mark", persistent()).await;
-        let ms = 1_500 + (seed.rotate_left(13 * round as u32) ^ round) % 2_000;
+        let ms = rng.range(1_500, 3_500);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         bring_down(broker, Down::Kill);
     }

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
+use integration_tests::{SplitMix, confirming, declare_durable, persistent};
 use integration_tests::{
     TempDir, TestBroker, assert_serves_fresh_client, channel, eventually, get, message_count,
     publish, within,
 };
-use integration_tests::{confirming, declare_durable, persistent};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
@@ -26,24 +26,6 @@ use lapin::{BasicProperties, PublisherConfirm};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 // ---- helpers ------------------------------------------------------------------------------
-
-/// splitmix64: a tiny deterministic PRNG, so that a printed seed replays the same kill delays.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
 
 /// A consumer of the crash queue (manual acks) after basic.qos `prefetch`.
 async fn consume_with_prefetch(ch: &lapin::Channel, prefetch: u16) -> lapin::Consumer {

@@ -97,6 +97,25 @@ async fn wait_replica_ready(b: &TestBroker, queue: &str) {
     assert!(ok, "replica '{queue}' not ready: {:?}", replica_rows(b));
 }
 
+/// Declares durable `queue` on the original (on `och`) and on the replica broker, then makes
+/// the replica's a replica of the original's with `qpid-ha replicate`.
+async fn replicate_durable(
+    original: &TestBroker,
+    replica: &TestBroker,
+    och: &lapin::Channel,
+    queue: &str,
+) {
+    declare_durable(och, queue, FieldTable::default()).await;
+    declare_durable(
+        &channel(&replica.connect().await).await,
+        queue,
+        FieldTable::default(),
+    )
+    .await;
+    let r = qpid_ha(&["replicate", "-b", &addr(replica), &addr(original), queue]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
 fn ha_broker(dir: &TempDir, port: u16) -> TestBroker {
     TestBroker::builder()
         .port(port)
@@ -122,15 +141,7 @@ async fn a_restarted_replica_broker_resumes_replicating_with_what_it_stored() {
     let mut replica = ha_broker(&rd, rp);
     let oc = original.connect().await;
     let och = confirming(&oc).await;
-    declare_durable(&och, "rq", FieldTable::default()).await;
-    declare_durable(
-        &channel(&replica.connect().await).await,
-        "rq",
-        FieldTable::default(),
-    )
-    .await;
-    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "rq"]);
-    assert_eq!(r.code, 0, "{r:?}");
+    replicate_durable(&original, &replica, &och, "rq").await;
     publish_range(&och, "rq", 0..20).await;
     wait_replica_ready(&replica, "rq").await;
     wait_count(&admin(&replica).await, "rq", 20).await;
@@ -625,15 +636,7 @@ async fn a_replica_acknowledges_a_persistent_message_only_after_its_own_fsync() 
         .start();
     let oc = original.connect().await;
     let och = confirming(&oc).await;
-    declare_durable(&och, "fq", FieldTable::default()).await;
-    declare_durable(
-        &channel(&replica.connect().await).await,
-        "fq",
-        FieldTable::default(),
-    )
-    .await;
-    let r = qpid_ha(&["replicate", "-b", &addr(&replica), &addr(&original), "fq"]);
-    assert_eq!(r.code, 0, "{r:?}");
+    replicate_durable(&original, &replica, &och, "fq").await;
     wait_replica_ready(&replica, "fq").await;
     // 256 KiB bodies: a write that needs new pages of the tmpfs (a small record could still
     // fit in the last page of the segment file).

@@ -1472,3 +1472,25 @@ pub async fn admin(b: &TestBroker) -> Connection {
         ConnectionProperties::default().with_client_property("qpid.ha-admin".into(), "1".into());
     b.connect_with(props).await
 }
+
+/// splitmix64: a tiny deterministic PRNG, so that a printed seed replays a randomized test
+/// (kill delays, operation mixes).
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}

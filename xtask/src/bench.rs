@@ -1273,6 +1273,28 @@ impl Broker {
         ]
     }
 
+    /// perftest's arguments for the replication and store benches' load on this broker: one
+    /// producer, one consumer, 1 KiB messages, a confirm window of 1,000, then `extra`.
+    fn perftest_one_to_one(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = self.perftest_target();
+        args.extend(
+            [
+                "--producers",
+                "1",
+                "--consumers",
+                "1",
+                "--size",
+                "1024",
+                "--confirm",
+                "1000",
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from),
+        );
+        args
+    }
+
     fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -314,25 +314,9 @@ impl ReplEnv<'_> {
     }
 
     fn perftest_args(&self, pair: &Pair, queue: &str, extra: &[&str]) -> Vec<String> {
-        let mut args = pair.original.perftest_target();
-        args.extend(
-            [
-                "--producers",
-                "1",
-                "--consumers",
-                "1",
-                "--size",
-                "1024",
-                "--confirm",
-                "1000",
-                "--auto-ack",
-                "--queue",
-                queue,
-                "--predeclared",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        );
+        let mut args =
+            pair.original
+                .perftest_one_to_one(&["--auto-ack", "--queue", queue, "--predeclared"]);
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }

@@ -520,22 +520,7 @@ impl StoreEnv<'_> {
     /// The load of every measure: 1→1, 1 KiB persistent, confirms 1,000, manual acks.
     /// `queue`: a predeclared queue (else perftest declares a fresh durable one).
     fn load_args(&self, b: &Broker, queue: Option<&str>, rate: Option<u32>) -> Vec<String> {
-        let mut args = b.perftest_target();
-        for a in [
-            "--producers",
-            "1",
-            "--consumers",
-            "1",
-            "--size",
-            "1024",
-            "--persistent",
-            "--confirm",
-            "1000",
-            "--prefetch",
-            "1000",
-        ] {
-            args.push(a.into());
-        }
+        let mut args = b.perftest_one_to_one(&["--persistent", "--prefetch", "1000"]);
         match rate {
             Some(r) => args.extend(["--rate".into(), r.to_string()]),
             None => args.extend(["--max-backlog".into(), "50000".into()]),
@@ -557,14 +542,16 @@ impl StoreEnv<'_> {
     }
 
     /// Runs `targets` (label, broker, queue) `--runs` times each, alternating the order, with
-    /// `rate`; the figures of each valid run by target, and every run's record.
+    /// `rate`; the figures of each valid run by target, and every run's record. `after_each`
+    /// runs after each run with its label and number (a check, or a measure of its own such as
+    /// the bare disk) and may return a problem that makes the run invalid.
     fn interleaved(
         &self,
         key: &str,
         targets: &[(&str, &Broker, Option<&str>)],
         rate: Option<u32>,
         res: &mut StoreResult,
-        mut check: impl FnMut(&str, usize) -> Result<Option<String>>,
+        mut after_each: impl FnMut(&str, usize) -> Result<Option<String>>,
     ) -> Result<Runs> {
         let mut figs = vec![Vec::new(); targets.len()];
         let mut records = Vec::new();
@@ -585,7 +572,7 @@ impl StoreEnv<'_> {
                     &args,
                     self.perftest_limit(),
                 )?;
-                if let Some(p) = check(label, run)? {
+                if let Some(p) = after_each(label, run)? {
                     problems.push(p);
                 }
                 let f = Figures::of(&report);

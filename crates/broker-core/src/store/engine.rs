@@ -290,7 +290,7 @@ impl Store {
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let max_record = broker.config.max_message_size as usize + 64 * 1024;
         let model = read_config(&dir, max_record, options.skip_damaged)?;
-        let (messages, last_segment) =
+        let (mut messages, last_segment) =
             read_messages(&dir, max_record, options.skip_damaged, &model)?;
         let wall_now = wall_ms();
         let wall_base_ms = wall_now.saturating_sub(broker.now_ms());
@@ -318,7 +318,7 @@ impl Store {
                     p.depends(of, at);
                 }
             }
-            p.copies_from = messages.copies_from.clone();
+            p.copies_from = std::mem::take(&mut messages.copies_from);
             p.live.insert(last_segment + 1, 0);
         }
         let mut config = open_config_file(&dir)?;
@@ -983,12 +983,7 @@ impl FileKeeper {
                         FileJob::Create(n, done) => {
                             let _ = done.send(create_segment(&dir, n));
                         }
-                        FileJob::Delete(doomed) => {
-                            for (path, file) in doomed {
-                                delete_segment(&path);
-                                drop(file);
-                            }
-                        }
+                        FileJob::Delete(doomed) => delete_files(doomed),
                     }
                 }
             });
@@ -1026,11 +1021,17 @@ impl FileKeeper {
         if let Err(std::sync::mpsc::SendError(FileJob::Delete(doomed))) =
             self.jobs.send(FileJob::Delete(doomed))
         {
-            for (path, file) in doomed {
-                delete_segment(&path);
-                drop(file);
-            }
+            delete_files(doomed);
         }
+    }
+}
+
+/// Deletes each segment, then closes its file (the last close of an unlinked file frees its
+/// space).
+fn delete_files(doomed: Vec<(PathBuf, Option<File>)>) {
+    for (path, file) in doomed {
+        delete_segment(&path);
+        drop(file);
     }
 }
 
